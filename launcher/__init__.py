@@ -1,0 +1,1 @@
+"""Ray-facing entry points: the job that `ray job submit` runs, and example cluster configurations."""

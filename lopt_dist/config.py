@@ -1,0 +1,323 @@
+"""The one typed configuration tree of a lopt-dist run.
+
+YAML file -> `load_config` (with dotted `--set` overrides) -> `ExperimentConfig`. Static rules are checked in
+each dataclass's `__post_init__`; rules that need the model or the cluster live in `validate_*` functions
+next to what they check. Every worker receives the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem in the configuration; the message names the key and what is allowed."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    # Alias (`smollm2-135m`), a local checkpoint directory, or a Hugging Face hub id.
+    name: str = "smollm2-135m"
+    # Layer indices where a new stage starts. None: one boundary at num_layers // 2 (two stages).
+    boundaries: list[int] | None = None
+    # Attention kernel passed to transformers; "sdpa" is fast, "eager" is the most portable.
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model.name", "must name an alias, a directory or a hub id")
+        if self.boundaries is not None:
+            _require(len(self.boundaries) >= 1, "model.boundaries", "give at least one boundary, or null")
+            _require(all(b > 0 for b in self.boundaries), "model.boundaries", "boundaries must be > 0")
+            _require(
+                list(self.boundaries) == sorted(set(self.boundaries)),
+                "model.boundaries",
+                f"must be strictly increasing, got {self.boundaries}",
+            )
+
+    @property
+    def num_stages(self) -> int:
+        return 2 if self.boundaries is None else len(self.boundaries) + 1
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    # "builtin:arithmetic" (seeded generator), a .jsonl/.json/.parquet path, or a hub dataset name.
+    source: str = "builtin:arithmetic"
+    hub_config: str | None = None  # e.g. "main" for openai/gsm8k
+    split: str = "train"
+    format: Literal["auto", "gsm8k", "instruction", "prompt_completion", "messages"] = "auto"
+    max_seq_length: int = 256
+    shuffle: bool = True
+    seed: int = 0
+    max_samples: int | None = None  # use only the first N rows (after loading, before shuffling)
+    skip_bad_rows: bool = False  # False: a row that cannot be parsed is an error naming it
+    builtin_samples: int = 2000  # size of the built-in task
+
+    def __post_init__(self) -> None:
+        _require(self.max_seq_length >= 8, "data.max_seq_length", "must be >= 8")
+        _require(self.builtin_samples >= 1, "data.builtin_samples", "must be >= 1")
+        if self.max_samples is not None:
+            _require(self.max_samples >= 1, "data.max_samples", "must be >= 1 or null")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    method: Literal["lopt", "e2e"] = "lopt"
+    steps: int = 10  # optimizer steps
+    micro_batch_size: int = 4  # samples per micro-batch
+    micro_batches_per_step: int = 1  # gradient accumulation: micro-batches in one optimizer step
+    lr: float = 1e-4  # last stage (and the whole model for e2e)
+    lr_first: float | None = None  # earlier stages and their decoders; None: same as lr
+    lambda_aux: float = 10.0  # weight of the reconstruction loss
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    grad_clip: float = 1.0  # per stage; 0 disables
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "train.steps", "must be >= 1")
+        _require(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        _require(self.micro_batches_per_step >= 1, "train.micro_batches_per_step", "must be >= 1")
+        _require(self.lr > 0, "train.lr", "must be > 0")
+        _require(self.lr_first is None or self.lr_first > 0, "train.lr_first", "must be > 0 or null")
+        _require(self.lambda_aux >= 0, "train.lambda_aux", "must be >= 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _require(0 <= self.warmup_steps < self.steps or self.warmup_steps == 0, "train.warmup_steps",
+                 f"must be smaller than train.steps ({self.steps})")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+        _require(self.log_every >= 1, "train.log_every", "must be >= 1")
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.micro_batch_size * self.micro_batches_per_step
+
+    @property
+    def first_lr(self) -> float:
+        return self.lr if self.lr_first is None else self.lr_first
+
+
+@dataclass(kw_only=True)
+class GroupConfig:
+    """One worker group: the data-parallel workers that train one stage."""
+
+    workers: int = 1
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    threads_per_worker: int = 1  # CPU runs: torch threads and Ray CPUs per worker
+
+    def __post_init__(self) -> None:
+        _require(self.workers >= 1, "runtime.groups[].workers", "must be >= 1")
+        _require(self.threads_per_worker >= 1, "runtime.groups[].threads_per_worker", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class RuntimeConfig:
+    # "local": one process, stage after stage. "ray": one Ray worker group per stage.
+    mode: Literal["local", "ray"] = "local"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    groups: list[GroupConfig] = field(default_factory=lambda: [GroupConfig(), GroupConfig()])
+    channel_depth: int = 4  # micro-batches a stage may run ahead of the next one
+    transport: Literal["auto", "gloo", "nccl"] = "auto"
+    ray_address: str | None = None  # None: RAY_ADDRESS if set, else an embedded local instance
+    ray_num_cpus: int | None = None  # embedded instance only; None: all cores
+    start_timeout_s: float = 120.0  # placement groups and worker start-up
+    boundary_timeout_s: float = 900.0  # longest a stage may wait on its neighbour (start-up, a checkpoint)
+
+    def __post_init__(self) -> None:
+        _require(self.channel_depth >= 1, "runtime.channel_depth", "must be >= 1")
+        _require(len(self.groups) >= 1, "runtime.groups", "give one group per stage")
+        _require(self.start_timeout_s > 0, "runtime.start_timeout_s", "must be > 0")
+        _require(self.boundary_timeout_s > 0, "runtime.boundary_timeout_s", "must be > 0")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    keep_last: int = 2
+    resume: str | None = None  # "latest" or a checkpoint directory
+    export: bool = True  # write a Hugging Face model at the end
+    # End this invocation after this many steps in all (with a checkpoint), e.g. for time-limited allocations;
+    # resume later with --resume. None: train to train.steps.
+    stop_after: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.save_every >= 0, "checkpoint.save_every", "must be >= 0")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        _require(self.stop_after is None or self.stop_after >= 1, "checkpoint.stop_after", "must be >= 1 or null")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    progress: bool = True
+    tensorboard: bool = False
+
+
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    name: str = "lopt"
+    output_dir: str = "runs/lopt"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.runtime.mode == "ray":
+            stages = self.model.num_stages
+            _require(
+                len(self.runtime.groups) == stages,
+                "runtime.groups",
+                f"has {len(self.runtime.groups)} groups but the model is cut into {stages} stages; "
+                "give one group per stage",
+            )
+            _require(self.train.method == "lopt", "train.method",
+                     "the Ray pipeline trains 'lopt' only; use runtime.mode=local for 'e2e'")
+            per_step = self.train.micro_batches_per_step
+            need = math.lcm(*(g.workers for g in self.runtime.groups))
+            _require(
+                per_step % need == 0,
+                "train.micro_batches_per_step",
+                f"is {per_step} but must be a multiple of {need}, the least common multiple of the group "
+                f"sizes {[g.workers for g in self.runtime.groups]}, so every worker gets whole micro-batches",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check (and lightly coerce) a YAML value against a dataclass field's type."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        _require(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return _build(hint, value, key)
+    if origin in (types.UnionType, typing.Union):
+        if value is None:
+            _require(type(None) in args, key, "may not be null")
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a valid {_describe(hint)}")
+    if origin is Literal:
+        _require(value in args, key, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        _require(isinstance(value, list), key, f"expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        _require(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+                 f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        _require(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} at {key}")
+
+
+def _describe(hint: Any) -> str:
+    return " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in typing.get_args(hint))
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{where}: unknown key; allowed keys here are {sorted(names)}")
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{prefix}.{key}" if prefix else key
+        kwargs[key] = _convert(value, hints[key], where)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        if prefix and not str(err).startswith(prefix):
+            raise ConfigError(f"{prefix}.{err}") from None
+        raise
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.steps=4")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            _require(part.isdigit() and int(part) < len(node), ".".join(path[: i + 1]),
+                     f"list index out of range (the list has {len(node)} entries)")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    last = path[-1]
+    if isinstance(node, list):
+        _require(last.isdigit() and int(last) < len(node), ".".join(path), "list index out of range")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
+    return _build(ExperimentConfig, tree, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment file (or the defaults when path is None) and apply `--set` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        _require(isinstance(loaded, dict), str(path), "the top level must be a mapping")
+        tree = loaded
+    if overrides and "runtime" in tree and "groups" in tree["runtime"]:
+        tree["runtime"]["groups"] = [dict(g) for g in tree["runtime"]["groups"]]
+    for item in overrides:
+        keys, value = _parse_override(item)
+        if keys[:2] == ["runtime", "groups"] and "groups" not in tree.get("runtime", {}):
+            tree.setdefault("runtime", {})["groups"] = [dataclasses.asdict(g) for g in RuntimeConfig().groups]
+        _apply_override(tree, keys, value)
+    return config_from_dict(tree)

@@ -1,0 +1,205 @@
+"""LoPT stages: a decoder-only LM cut at layer boundaries into modules that can live in different processes.
+
+A stage runs a contiguous block of decoder layers. The first stage also owns the embedding, the last the
+final norm and LM head; every stage but the last owns a reconstruction decoder and learns only from it.
+What crosses a boundary is a plain dict of tensors (`BOUNDARY_KEYS`), always detached: the task loss can
+never reach an earlier stage.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedModel
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from lopt_dist.config import ConfigError
+from lopt_dist.model.decoder import ReconstructionDecoder, reconstruction_loss
+from lopt_dist.model.parts import DecoderParts, find_parts, layer_attention_types
+
+BOUNDARY_KEYS = ("hidden_states", "attention_mask", "position_ids", "labels")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class StageOutput:
+    loss: torch.Tensor  # what this stage backpropagates: lambda_aux * reconstruction, or the task loss
+    metric: torch.Tensor  # detached, for logging: unweighted reconstruction MSE, or task cross-entropy
+    boundary: dict[str, torch.Tensor] | None  # detached input of the next stage (None for the last)
+
+
+def resolve_boundaries(boundaries: list[int] | None, num_layers: int) -> list[int]:
+    """Default one boundary at the midpoint; check user boundaries against the model's depth."""
+    if boundaries is None:
+        return [num_layers // 2]
+    bad = [b for b in boundaries if not 0 < b < num_layers]
+    if bad:
+        raise ConfigError(
+            f"model.boundaries: {bad} outside the model's layers; the model has {num_layers} layers, so each "
+            f"boundary must be between 1 and {num_layers - 1}"
+        )
+    return list(boundaries)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, mean over the micro-batch's supervised tokens."""
+    shifted = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=IGNORE_INDEX)
+
+
+class Stage(nn.Module):
+    def __init__(
+        self,
+        parts: DecoderParts,
+        index: int,
+        layer_range: tuple[int, int],
+        is_last: bool,
+        lambda_aux: float,
+        decoder_seed: int,
+    ) -> None:
+        super().__init__()
+        self.config = parts.config
+        self.index = index
+        self.layer_range = layer_range
+        self.is_first = index == 0
+        self.is_last = is_last
+        self.lambda_aux = lambda_aux
+        self.names = (parts.embed_name, parts.layers_name, parts.norm_name, parts.head_name)
+        start, end = layer_range
+        self.layers = nn.ModuleList(parts.layers[start:end])
+        self.layer_types = layer_attention_types(parts.config)[start:end]
+        # Rotary embeddings hold only buffers; each stage keeps its own copy to rebuild cos/sin locally
+        # instead of sending them across the boundary.
+        self.rotary = copy.deepcopy(parts.rotary) if parts.rotary is not None else None
+        self.embed = parts.embed if self.is_first else None
+        self.norm = parts.norm if is_last else None
+        self.head = _untied_head(parts) if is_last else None
+        self.decoder = None if is_last else ReconstructionDecoder(parts.config.hidden_size, decoder_seed)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> StageOutput:
+        if self.is_first:
+            hidden = self.embed(batch["input_ids"])
+            mask2d = batch["attention_mask"]
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        else:
+            hidden, mask2d, position_ids = batch["hidden_states"], batch["attention_mask"], batch["position_ids"]
+        stage_input = hidden.detach()
+        hidden = self.run_layers(hidden, mask2d, position_ids)
+        if self.is_last:
+            logits = self.logits(hidden)
+            task = causal_lm_loss(logits, batch["labels"])
+            return StageOutput(loss=task, metric=task.detach(), boundary=None)
+        recon = reconstruction_loss(self.decoder(hidden), stage_input, mask2d)
+        boundary = {
+            "hidden_states": hidden.detach(),
+            "attention_mask": mask2d,
+            "position_ids": position_ids,
+            "labels": batch["labels"],
+        }
+        return StageOutput(loss=self.lambda_aux * recon, metric=recon.detach(), boundary=boundary)
+
+    def run_layers(self, hidden: torch.Tensor, mask2d: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        masks = self._masks(hidden, mask2d, position_ids)
+        position_embeddings = self.rotary(hidden, position_ids) if self.rotary is not None else None
+        for layer, kind in zip(self.layers, self.layer_types):
+            out = layer(
+                hidden,
+                attention_mask=masks[kind],
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.norm(hidden))
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        if softcap is not None:  # Gemma-2 style families
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    def _masks(self, hidden, mask2d, position_ids) -> dict[str, torch.Tensor | None]:
+        # The family's own mask helpers, so its attention kernel, padding and sliding rules all apply.
+        kwargs = dict(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=mask2d,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+        masks = {}
+        if "full_attention" in self.layer_types:
+            masks["full_attention"] = create_causal_mask(**kwargs)
+        if "sliding_attention" in self.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        return masks
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """This stage's weights under the full model's parameter names (decoder left out)."""
+        embed_name, layers_name, norm_name, head_name = self.names
+        out = {}
+        owned = [("layers", None), ("embed", embed_name), ("norm", norm_name), ("head", head_name)]
+        for key, value in self.state_dict().items():
+            attr, _, rest = key.partition(".")
+            if attr == "layers":
+                local, _, tail = rest.partition(".")
+                out[f"{layers_name}.{self.layer_range[0] + int(local)}.{tail}"] = value
+            elif attr in dict(owned):
+                out[f"{dict(owned)[attr]}.{rest}"] = value
+        return out
+
+
+def _untied_head(parts: DecoderParts) -> nn.Linear:
+    """The LM head with its own weight: with tied embeddings the head and embedding live in different stages."""
+    head = parts.head
+    if head.weight is parts.embed.weight:
+        untied = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+        untied.to(dtype=head.weight.dtype, device=head.weight.device)
+        with torch.no_grad():
+            untied.weight.copy_(head.weight)
+            if head.bias is not None:
+                untied.bias.copy_(head.bias)
+        return untied
+    return head
+
+
+def split_model(
+    model: PreTrainedModel,
+    boundaries: list[int] | None,
+    lambda_aux: float,
+    seed: int,
+    only: int | None = None,
+) -> list[Stage]:
+    """Cut `model` into stages. With `only`, build just that stage (a worker keeps only its own)."""
+    parts = find_parts(model)
+    cuts = [0, *resolve_boundaries(boundaries, parts.num_layers), parts.num_layers]
+    num_stages = len(cuts) - 1
+    stages = []
+    for i in range(num_stages):
+        if only is not None and i != only:
+            continue
+        stages.append(
+            Stage(
+                parts,
+                index=i,
+                layer_range=(cuts[i], cuts[i + 1]),
+                is_last=i == num_stages - 1,
+                lambda_aux=lambda_aux,
+                decoder_seed=seed * 1009 + i,
+            )
+        )
+    return stages
+
+
+def run_stages(stages: list[Stage], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Inference through all stages in order; returns the last stage's logits."""
+    inputs = batch
+    for stage in stages[:-1]:
+        inputs = stage(inputs).boundary
+    last = stages[-1]
+    hidden = last.run_layers(inputs["hidden_states"], inputs["attention_mask"], inputs["position_ids"])
+    return last.logits(hidden)

@@ -1,0 +1,80 @@
+"""One DeepSpeed engine per stage worker, built from its group's JSON file and the experiment's hyper-parameters.
+
+The experiment YAML owns everything that must agree across stages and with the single-process trainer
+(batch sizes, learning rates and schedule, clipping, dtype); the group's JSON owns how the group runs
+(ZeRO stage and its knobs, communication, offload). A JSON that sets one of the YAML's values differently
+is rejected rather than silently overridden.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lopt_dist.config import ConfigError, ExperimentConfig, GroupConfig
+from lopt_dist.model import Stage
+from lopt_dist.train.optim import build_optimizer, build_scheduler, stage_lr
+
+# Set from the experiment YAML; the optimizer and scheduler are built by lopt-dist so that every path
+# (single process, any ZeRO stage) uses the same AdamW groups and warm-up + cosine schedule.
+_OWNED_BY_EXPERIMENT = ("optimizer", "scheduler")
+
+
+def read_deepspeed_json(path: str, key: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{key}: DeepSpeed config file {path} does not exist (paths are relative to the "
+                          "directory lopt-train runs in; the shipped ones are configs/deepspeed/zero*.json)")
+    try:
+        values = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{key}: {path} is not valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{key}: {path} must hold a JSON object")
+    return values
+
+
+def deepspeed_config(cfg: ExperimentConfig, group: GroupConfig, key: str) -> dict[str, Any]:
+    """The group's JSON, completed with the experiment's batch, clipping and dtype settings."""
+    ds = read_deepspeed_json(group.deepspeed_config, key)
+    for name in _OWNED_BY_EXPERIMENT:
+        if name in ds:
+            raise ConfigError(
+                f"{key}: {group.deepspeed_config} sets '{name}'; lopt-dist builds the optimizer and schedule "
+                "from the experiment's train.* settings (lr, lr_first, weight_decay, warmup_steps, "
+                f"min_lr_ratio). Remove '{name}' from the JSON file"
+            )
+    accumulation = cfg.train.micro_batches_per_step // group.workers
+    wanted = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": cfg.train.samples_per_step,
+        "gradient_clipping": cfg.train.grad_clip,
+    }
+    for name, value in wanted.items():
+        if name in ds and ds[name] != "auto" and ds[name] != value:
+            raise ConfigError(
+                f"{key}: {group.deepspeed_config} sets {name}={ds[name]} but the experiment needs {value} "
+                f"(from train.* and the group's {group.workers} workers); remove it or set it to \"auto\""
+            )
+        ds[name] = value
+    bf16 = cfg.train.dtype == "bfloat16"
+    if ds.get("fp16", {}).get("enabled", False):
+        raise ConfigError(f"{key}: {group.deepspeed_config} enables fp16; use train.dtype=bfloat16 or float32")
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
+    # Our optimizer is torch's AdamW, which DeepSpeed has not certified for every ZeRO stage.
+    ds["zero_allow_untested_optimizer"] = True
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def build_engine(stage: Stage, cfg: ExperimentConfig, stage_index: int, ds_config: dict[str, Any]):
+    """`ds_config` comes from `deepspeed_config`, read on the driver so that bad files fail before start-up."""
+    import deepspeed
+
+    lr = stage_lr(stage_index, cfg.model.num_stages, cfg.train)
+    optimizer = build_optimizer(stage, lr, cfg.train.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    engine, _, _, _ = deepspeed.initialize(model=stage, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine

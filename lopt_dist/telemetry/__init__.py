@@ -1,0 +1,1 @@
+"""What a run measures about itself: memory, time split, metrics files."""

@@ -1,0 +1,33 @@
+"""The driver's progress bar: step, tokens/s, losses, channel depth and ETA (tqdm computes the ETA)."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+from lopt_dist.config import ExperimentConfig
+
+
+class Progress:
+    def __init__(self, cfg: ExperimentConfig, start_step: int) -> None:
+        self.every = cfg.train.log_every
+        self.bar = tqdm(total=cfg.train.steps, initial=start_step, desc=cfg.name, unit="step",
+                        disable=not cfg.logging.progress, file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, record: dict) -> None:
+        self.bar.update(1)
+        if (record["step"] + 1) % self.every:
+            return
+        shown = {"tok/s": f"{record['tokens_per_s']:.0f}", "loss": f"{record['task_loss']:.4f}"}
+        shown.update({k.replace("recon_loss_", "rec"): f"{v:.4g}" for k, v in record.items() if k.startswith("recon_loss_")})
+        if "channel_depth" in record:
+            shown["depth"] = record["channel_depth"]
+        self.bar.set_postfix(shown, refresh=False)
+        if not self.bar.disable:
+            return
+        # Without a bar (logging.progress: false, or no terminal) print one line per logged step.
+        print(f"step {record['step'] + 1}: " + " ".join(f"{k}={v}" for k, v in shown.items()), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()

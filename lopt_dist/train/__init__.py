@@ -1,0 +1,1 @@
+"""Training loops that run in one process, and the optimizer and schedule every path shares."""

@@ -1,0 +1,53 @@
+"""Optimizer and learning-rate schedule, shared by the single-process trainer and the DeepSpeed workers.
+
+Both paths build the very same AdamW parameter groups and the same warm-up + cosine multiplier, which is
+what lets a distributed run reproduce a single-process one update for update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lopt_dist.config import TrainConfig
+
+ADAM_BETAS = (0.9, 0.95)
+ADAM_EPS = 1e-8
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; norms, biases and other vectors are left undecayed."""
+    decay, no_decay = [], []
+    for _, param in module.named_parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # foreach=False: the same kernel on every path, so per-element results match bit for bit.
+    return torch.optim.AdamW(
+        param_groups(module, weight_decay), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=False
+    )
+
+
+def lr_multiplier(step: int, train: TrainConfig) -> float:
+    """Linear warm-up to 1, then cosine down to `min_lr_ratio` at the last step. `step` counts from 0."""
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    decay_steps = max(1, train.steps - train.warmup_steps - 1)
+    progress = min(1.0, (step - train.warmup_steps) / decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return train.min_lr_ratio + (1.0 - train.min_lr_ratio) * cosine
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, train))
+
+
+def stage_lr(stage_index: int, num_stages: int, train: TrainConfig) -> float:
+    """The last stage learns at `lr`; earlier stages and their decoders at `lr_first`."""
+    return train.lr if stage_index == num_stages - 1 else train.first_lr

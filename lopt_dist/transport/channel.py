@@ -1,0 +1,168 @@
+"""Sending and receiving boundary activations over a boundary process group.
+
+A message is one micro-batch's payload: a dict of tensors whose keys, and their order, both ends agree on
+when they build the channel (for example hidden_states, attention_mask, position_ids, labels). Each message
+is a header (dtypes and shapes, see header.py) followed by one point-to-point send per tensor. Tensors
+travel in the dtype they have: bfloat16 hidden states stay bfloat16 on the wire.
+
+The sender is asynchronous but bounded: at most `depth` messages in flight, so a fast stage runs at most
+`depth` micro-batches ahead of a slow one and then waits; nothing is dropped or buffered without bound.
+On gloo a send completes only once the receiver has posted the matching receive, which is what makes the
+bound real backpressure. Both ends must follow `routing.BoundaryLayout`, or they wait on each other
+until the group's timeout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from lopt_dist.transport.header import ChannelError, Header, decode_header, encode_header, header_length
+
+
+@dataclass(kw_only=True)
+class ChannelStats:
+    """Counters of one end of a channel, cumulative since it was built.
+
+    blocked_s is time the caller's thread spent stopped by the channel: the sender waiting for a free slot
+    (or in flush), the receiver waiting for its data. On CUDA the receiver's wait only covers the header;
+    the payload lands asynchronously on NCCL's stream, which the compute stream is then made to wait for.
+    """
+
+    messages: int = 0
+    bytes: int = 0
+    blocked_s: float = 0.0
+
+    def since(self, earlier: ChannelStats) -> ChannelStats:
+        """The counts accumulated after `earlier` (a copy taken with `snapshot`), e.g. over one step."""
+        return ChannelStats(
+            messages=self.messages - earlier.messages,
+            bytes=self.bytes - earlier.bytes,
+            blocked_s=self.blocked_s - earlier.blocked_s,
+        )
+
+    def snapshot(self) -> ChannelStats:
+        return ChannelStats(messages=self.messages, bytes=self.bytes, blocked_s=self.blocked_s)
+
+
+@dataclass
+class _InFlight:
+    works: list[dist.Work]
+    # The tensors being sent; torch must not free or reuse them until the works complete.
+    tensors: list[torch.Tensor] = field(repr=False)
+
+    def wait(self) -> None:
+        # The header (on gloo) comes first: its completion means the receiver has started taking this message.
+        for work in self.works:
+            work.wait()
+
+
+class ActivationSender:
+    """The sending end: one per worker per boundary it sends across (workers of non-last stages).
+
+    Flush before dropping it: gloo cancels a send whose work object is freed before it completes, so the
+    messages still in flight would silently never arrive.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, keys: Sequence[str], depth: int) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        if not keys or len(set(keys)) != len(keys):
+            raise ValueError(f"keys must be distinct and non-empty, got {list(keys)}")
+        self._group = group
+        self._keys = tuple(keys)
+        self._depth = depth
+        self._in_flight: deque[_InFlight] = deque()
+        self.peak_outstanding = 0
+        self.stats = ChannelStats()
+
+    @property
+    def outstanding(self) -> int:
+        """Messages posted whose completion has not yet been waited for."""
+        return len(self._in_flight)
+
+    def send(self, payload: dict[str, torch.Tensor], dst: int, micro_batch: int) -> None:
+        """Post `payload` for boundary rank `dst`; returns once it is posted, blocking first while `depth`
+        messages are still in flight. The caller must not modify the payload's tensors afterwards."""
+        if tuple(payload) != self._keys:
+            raise ChannelError(f"payload keys {list(payload)} differ from the channel's {list(self._keys)}")
+        tensors = [payload[key].detach().contiguous() for key in self._keys]
+        device_type = _single_device_type(tensors)
+        while len(self._in_flight) >= self._depth:
+            self._wait_oldest()
+        header = encode_header(micro_batch, device_type, tensors)
+        works = [dist.isend(header, group=self._group, group_dst=dst)]
+        # gloo may not accept zero-byte messages; the receiver knows the empty shape from the header.
+        works += [dist.isend(t, group=self._group, group_dst=dst) for t in tensors if t.numel() > 0]
+        self._in_flight.append(_InFlight(works, [header, *tensors]))
+        self.peak_outstanding = max(self.peak_outstanding, len(self._in_flight))
+        self.stats.messages += 1
+        self.stats.bytes += sum(t.numel() * t.element_size() for t in (header, *tensors))
+
+    def flush(self) -> None:
+        """Wait until every posted message has been taken; call before a checkpoint and at shutdown."""
+        while self._in_flight:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        start = time.perf_counter()
+        self._in_flight[0].wait()
+        self._in_flight.popleft()
+        self.stats.blocked_s += time.perf_counter() - start
+
+
+class ActivationReceiver:
+    """The receiving end: one per worker per boundary it receives across (workers of non-first stages)."""
+
+    def __init__(
+        self, group: dist.ProcessGroup, keys: Sequence[str], device: torch.device | str = "cpu"
+    ) -> None:
+        if not keys or len(set(keys)) != len(keys):
+            raise ValueError(f"keys must be distinct and non-empty, got {list(keys)}")
+        self._group = group
+        self._keys = tuple(keys)
+        self._device = torch.device(device)
+        self.stats = ChannelStats()
+
+    def recv(self, src: int, micro_batch: int) -> dict[str, torch.Tensor]:
+        """Receive micro-batch `micro_batch` from boundary rank `src`, into fresh tensors the caller owns.
+
+        Raises ChannelError when the message that arrives is not the one expected (a routing bug)."""
+        start = time.perf_counter()
+        header_buf = torch.empty(header_length(len(self._keys)), dtype=torch.int64)
+        dist.irecv(header_buf, group=self._group, group_src=src).wait()
+        header = decode_header(header_buf, len(self._keys))
+        self._check(header, src, micro_batch)
+        tensors = [torch.empty(meta.shape, dtype=meta.dtype, device=self._device) for meta in header.tensors]
+        works = [dist.irecv(t, group=self._group, group_src=src) for t in tensors if t.numel() > 0]
+        for work in works:
+            work.wait()
+        self.stats.blocked_s += time.perf_counter() - start
+        self.stats.messages += 1
+        self.stats.bytes += sum(t.numel() * t.element_size() for t in (header_buf, *tensors))
+        return dict(zip(self._keys, tensors))
+
+    def _check(self, header: Header, src: int, micro_batch: int) -> None:
+        if header.micro_batch != micro_batch:
+            raise ChannelError(
+                f"expected micro-batch {micro_batch} from boundary rank {src}, got {header.micro_batch}: "
+                "sender and receiver do not follow the same routing"
+            )
+        if header.device_type != self._device.type:
+            raise ChannelError(
+                f"boundary rank {src} sends from {header.device_type}, "
+                f"this receiver expects {self._device.type}"
+            )
+
+
+def _single_device_type(tensors: list[torch.Tensor]) -> str:
+    # Each device type travels over its own backend; the receiver posts every buffer on one device.
+    types = {t.device.type for t in tensors}
+    if len(types) != 1:
+        raise ChannelError(f"a payload's tensors must share one device type, got {sorted(types)}")
+    return types.pop()

@@ -1,0 +1,32 @@
+"""Fixtures shared across the suite: the embedded tokenizer and tiny random models saved as checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lopt_dist.model.loading import load_tokenizer
+from lopt_dist.model.tiny import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer):
+    """`tiny_model_dir(family, **overrides)` -> a saved tiny random model with the SmolLM2 tokenizer."""
+    made: dict[tuple, Path] = {}
+
+    def make(family: str = "llama", **overrides) -> Path:
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"tiny-{family}")
+            made[key] = save_tiny_model(family, out, smol_tokenizer, **overrides)
+        return made[key]
+
+    return make

@@ -1,0 +1,136 @@
+"""A real Ray head on loopback, a real `ray job submit` of a tiny run, an exported model that loads.
+
+The head is started by this test under its own session (`setsid`-style) with its own ports, temp dir and
+auth token, and stopped by signalling that process group only; nothing else on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import REPO
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    gcs, dashboard, client, node_mgr, obj_mgr, agent, agent_grpc, env_agent, metrics = _free_ports(9)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = Path("/tmp") / f"lopt-ray-{secrets.token_hex(4)}"  # Ray's socket paths must stay short
+    cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+           f"--ray-client-server-port={client}", f"--node-manager-port={node_mgr}",
+           f"--object-manager-port={obj_mgr}", f"--dashboard-agent-listen-port={agent}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
+           f"--metrics-export-port={metrics}", "--num-cpus=4", f"--temp-dir={temp_dir}"]
+    log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_for_dashboard(address, head, tmp_path / "head.log")
+        yield address, env
+    finally:
+        _stop_group(head)
+        log.close()
+        subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
+
+
+def _wait_for_dashboard(address: str, head: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            pytest.fail(f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:  # an answer, even "401: token required", means the dashboard is up
+            return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f"the Ray dashboard did not come up in {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop_group(head: subprocess.Popen) -> None:
+    """SIGTERM the head's own process group (ray start --block stops its children), SIGKILL what remains."""
+    pgid = os.getpgid(head.pid)
+    os.killpg(pgid, signal.SIGTERM)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.5)
+    if _group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _job_status(address: str, env: dict, job_id: str) -> str:
+    done = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env, capture_output=True,
+                          text=True, timeout=60)
+    text = done.stdout + done.stderr
+    # `ray job status` words the terminal states ("Job 'x' succeeded") and prints the others as they are.
+    for word, state in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("was stopped", "STOPPED")):
+        if f"' {word}" in text:
+            return state
+    return "RUNNING"
+
+
+def test_ray_job_submit_trains_and_exports(ray_head, tiny_model_dir, tmp_path):
+    address, env = ray_head
+    out = tmp_path / "run"
+    job_id = f"lopt-test-{secrets.token_hex(4)}"
+    submit = [
+        RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
+        "--working-dir", str(REPO), "--",
+        "python", "-m", "launcher.job", "configs/default.yaml",
+        "--set", f"model.name={tiny_model_dir('llama')}", "--set", f"output_dir={out}",
+        "--set", "train.steps=2", "--set", "data.builtin_samples=16", "--set", "data.max_seq_length=64",
+        "--set", "logging.progress=false", "--set", "checkpoint.save_every=0",
+    ]
+    submitted = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    deadline = time.monotonic() + 600
+    state = "RUNNING"
+    while state == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(3)
+        state = _job_status(address, env, job_id)
+    logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True,
+                          text=True, timeout=60).stdout
+    assert state == "SUCCEEDED", logs[-4000:]
+    assert "attaching to the Ray cluster" in logs
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.config.tie_word_embeddings is False
+    assert (out / "checkpoints" / "step_000002" / "state.json").is_file()

@@ -13,12 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
 from lopt_dist.checkpoint import Checkpoints, read_state
 from lopt_dist.config import ConfigError, ExperimentConfig
 from lopt_dist.model.export import export_model
-from lopt_dist.model.loading import load_tokenizer, resolve_model_path
+from lopt_dist.model.loading import load_model_config, load_tokenizer
 from lopt_dist.model.stages import resolve_boundaries
 from lopt_dist.telemetry.metrics import MetricsLog, TensorBoardLog
 from lopt_dist.telemetry.progress import Progress
@@ -39,14 +38,14 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
 
     Local paths become absolute, so that workers whose working directory differs still find them.
     """
-    model_path = resolve_model_path(cfg.model.name)
     try:
-        hf_config = AutoConfig.from_pretrained(model_path)
+        hf_config = load_model_config(cfg.model.name)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name: cannot load a model config from {cfg.model.name!r}: {err}") from None
     resolve_boundaries(cfg.model.boundaries, hf_config.num_hidden_layers)
-    model = dataclasses.replace(cfg.model, name=str(Path(model_path).resolve()) if Path(model_path).is_dir()
-                                else model_path)
+    # A directory the user named becomes absolute; an alias or hub id stays, so each node resolves it locally.
+    local = Path(cfg.model.name)
+    model = dataclasses.replace(cfg.model, name=str(local.resolve()) if local.is_dir() else cfg.model.name)
     data = cfg.data
     if not data.source.startswith("builtin:"):
         source = Path(data.source)
@@ -95,7 +94,7 @@ def train(cfg: ExperimentConfig) -> RunResult:
             if staged is not None:
                 last_checkpoint = checkpoints.commit(staged, record["step"] + 1, cfg)
         if cfg.checkpoint.export and end_step == cfg.train.steps:
-            model_dir = export_model(runner.stage_weights(), AutoConfig.from_pretrained(cfg.model.name),
+            model_dir = export_model(runner.stage_weights(), load_model_config(cfg.model.name),
                                      load_tokenizer(cfg.model.name), out / "model")
     finally:
         progress.close()

@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
 from lopt_dist.config import ConfigError, config_from_dict
 from lopt_dist.model import split_model
 from lopt_dist.model.export import export_model
-from lopt_dist.model.loading import load_causal_lm, load_tokenizer
+from lopt_dist.model.loading import load_causal_lm, load_model_config, load_tokenizer
 
 
 def stage_state(stage_dir: Path) -> dict[str, torch.Tensor]:
@@ -51,7 +50,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
         for i, stage in enumerate(stages):
             stage.load_state_dict(stage_state(checkpoint / f"stage_{i}"))
         weights = [s.hf_state_dict() for s in stages]
-    return export_model(weights, AutoConfig.from_pretrained(cfg.model.name), load_tokenizer(cfg.model.name), out_dir)
+    return export_model(weights, load_model_config(cfg.model.name), load_tokenizer(cfg.model.name), out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

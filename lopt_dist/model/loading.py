@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 CACHE_ENV = "LOPT_DIST_CACHE"
 
@@ -66,6 +73,10 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_model_config(name: str) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(resolve_model_path(name))
 
 
 def load_causal_lm(

@@ -16,14 +16,15 @@ class Progress:
                         disable=not cfg.logging.progress, file=sys.stderr, dynamic_ncols=True)
 
     def update(self, record: dict) -> None:
-        self.bar.update(1)
         if (record["step"] + 1) % self.every:
+            self.bar.update(1)
             return
         shown = {"tok/s": f"{record['tokens_per_s']:.0f}", "loss": f"{record['task_loss']:.4f}"}
         shown.update({k.replace("recon_loss_", "rec"): f"{v:.4g}" for k, v in record.items() if k.startswith("recon_loss_")})
         if "channel_depth" in record:
             shown["depth"] = record["channel_depth"]
         self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(1)
         if not self.bar.disable:
             return
         # Without a bar (logging.progress: false, or no terminal) print one line per logged step.

@@ -78,11 +78,7 @@ def _stop_group(head: subprocess.Popen) -> None:
     """SIGTERM the head's own process group (ray start --block stops its children), SIGKILL what remains."""
     pgid = os.getpgid(head.pid)
     os.killpg(pgid, signal.SIGTERM)
-    try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 20
     while time.monotonic() < deadline and _group_alive(pgid):
         time.sleep(0.5)
     if _group_alive(pgid):

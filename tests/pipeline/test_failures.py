@@ -83,3 +83,19 @@ def test_killed_worker_fails_the_run_promptly_and_by_name(tiny_model_dir, tmp_pa
         time.sleep(0.5)
     assert _stage_workers("ALIVE") == []
     assert not any(_alive(p) for p in pids), "worker processes outlived the run"
+
+
+def test_groups_larger_than_the_cluster_fail_fast_with_what_was_asked(tiny_model_dir, tmp_path):
+    from lopt_dist.pipeline.errors import WorkerGroupStartError
+
+    zero2 = str(REPO / "configs/deepspeed/zero2.json")
+    cfg = load_config(None, [
+        f"model.name={tiny_model_dir('llama')}", f"output_dir={tmp_path}", "runtime.mode=ray",
+        "train.micro_batches_per_step=3", "logging.progress=false",
+        f"runtime.groups=[{{workers: 3, deepspeed_config: {zero2}}}, {{workers: 3, deepspeed_config: {zero2}}}]",
+    ])
+    started = time.monotonic()
+    with pytest.raises(WorkerGroupStartError, match=r"need 6 CPUs .*stage 0: 3 workers x 1 CPU.* has 4 CPUs"):
+        train(cfg)
+    assert time.monotonic() - started < 10
+    assert _stage_workers("ALIVE") == []

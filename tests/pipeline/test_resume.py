@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from lopt_dist.config import ConfigError, load_config
 from lopt_dist.run import train
 from tests.conftest import REPO
+from tools.export import main as export_main
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,6 +54,12 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 3]  # appended, not overwritten
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000002", "step_000004"]
+
+    # lopt-export rebuilds the same model from the DeepSpeed checkpoint alone.
+    assert export_main([str(out / "checkpoints" / "step_000004"), str(tmp_path / "exported")]) == 0
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    for name in want:
+        torch.testing.assert_close(exported[name], got[name], rtol=0, atol=0, msg=name)
 
 
 def test_resume_refuses_a_config_that_changes_the_batches(tiny_model_dir, tmp_path):

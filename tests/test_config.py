@@ -1,0 +1,106 @@
+"""Bad configurations are refused before anything starts, with a message naming the key and what is allowed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lopt_dist.config import ConfigError, load_config
+from lopt_dist.pipeline.deepspeed_engine import deepspeed_config
+from lopt_dist.run import prepare
+from tests.conftest import REPO
+
+
+def test_yaml_file_and_dotted_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  steps: 7\n  lr: 3e-4\nruntime:\n  mode: ray\n  groups:\n    - {workers: 2}\n"
+                    "    - {workers: 2}\n")
+    cfg = load_config(path, ["train.micro_batches_per_step=4", "runtime.groups.1.threads_per_worker=2"])
+    assert cfg.train.steps == 7 and cfg.train.lr == pytest.approx(3e-4)
+    assert [g.workers for g in cfg.runtime.groups] == [2, 2]
+    assert cfg.runtime.groups[1].threads_per_worker == 2
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_experiment_configs_load(config):
+    load_config(REPO / "configs" / config)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.stepz=3"], r"train\.stepz: unknown key; allowed keys here are \[.*'steps'"),
+    (["modle.name=x"], r"modle: unknown key"),
+    (["train.steps=three"], r"train\.steps: expected an integer, got 'three'"),
+    (["train.lr=fast"], r"train\.lr: expected a number"),
+    (["data.shuffle=maybe"], r"data\.shuffle: expected true or false"),
+    (["train.method=sgd"], r"train\.method: must be one of \['lopt', 'e2e'\], got 'sgd'"),
+    (["train.steps=0"], r"train\.steps: must be >= 1"),
+    (["train.lr=-1"], r"train\.lr: must be > 0"),
+    (["train.warmup_steps=10", "train.steps=10"], r"train\.warmup_steps: must be smaller than train\.steps"),
+    (["model.boundaries=[8, 4]"], r"model\.boundaries: must be strictly increasing"),
+    (["runtime.groups.0.workers=0"], r"workers: must be >= 1"),
+    (["runtime.mode=ray", "runtime.groups=[{workers: 2}, {workers: 3}]", "train.micro_batches_per_step=4"],
+     r"train\.micro_batches_per_step: is 4 but must be a multiple of 6, the least common multiple"),
+    (["runtime.mode=ray", "model.boundaries=[2, 4]"], r"runtime\.groups: has 2 groups but the model is cut into 3"),
+    (["runtime.mode=ray", "train.method=e2e"], r"train\.method: the Ray pipeline trains 'lopt' only"),
+    (["runtime.groups.5.workers=2"], r"runtime\.groups\.5: list index out of range"),
+    (["train.steps"], r"expected key=value"),
+])
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .*nope\.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_boundary_outside_the_model_is_refused_before_start(tiny_model_dir):
+    cfg = load_config(None, [f"model.name={tiny_model_dir('llama')}", "model.boundaries=[2, 4]"])
+    with pytest.raises(ConfigError, match=r"model\.boundaries: \[4\] outside the model's layers; the model has 4"):
+        prepare(cfg)
+
+
+def test_missing_data_file_is_refused_before_start(tiny_model_dir, tmp_path):
+    cfg = load_config(None, [f"model.name={tiny_model_dir('llama')}", f"data.source={tmp_path}/train.jsonl"])
+    with pytest.raises(ConfigError, match=r"data\.source: file .*train\.jsonl does not exist"):
+        prepare(cfg)
+
+
+def test_missing_model_is_refused_before_start(tmp_path):
+    cfg = load_config(None, [f"model.name={tmp_path}/no-model"])
+    with pytest.raises(ConfigError, match=r"model\.name: cannot load a model config"):
+        prepare(cfg)
+
+
+def _ds_check(tmp_path, contents, *overrides):
+    path = tmp_path / "ds.json"
+    path.write_text(contents if isinstance(contents, str) else json.dumps(contents))
+    cfg = load_config(None, ["runtime.mode=ray", f"runtime.groups=[{{deepspeed_config: {path}}}, {{}}]", *overrides])
+    return deepspeed_config(cfg, cfg.runtime.groups[0], "runtime.groups[0].deepspeed_config")
+
+
+def test_deepspeed_json_is_completed_from_the_experiment(tmp_path):
+    ds = _ds_check(tmp_path, {"zero_optimization": {"stage": 3}}, "train.micro_batch_size=3",
+                   "train.micro_batches_per_step=4", "train.dtype=bfloat16", "train.grad_clip=0.5")
+    assert ds["zero_optimization"] == {"stage": 3}
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 4, 12)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
+
+
+@pytest.mark.parametrize(("contents", "message"), [
+    ({"optimizer": {"type": "Adam"}}, r"sets 'optimizer'; lopt-dist builds the optimizer .* Remove 'optimizer'"),
+    ({"train_micro_batch_size_per_gpu": 8}, r"sets train_micro_batch_size_per_gpu=8 but the experiment needs 4"),
+    ({"fp16": {"enabled": True}}, r"enables fp16; use train\.dtype=bfloat16"),
+    ("{not json", r"is not valid JSON"),
+])
+def test_deepspeed_json_that_contradicts_the_experiment_is_refused(tmp_path, contents, message):
+    with pytest.raises(ConfigError, match=r"runtime\.groups\[0\]\.deepspeed_config: .*" + message):
+        _ds_check(tmp_path, contents)
+
+
+def test_missing_deepspeed_json_is_named(tmp_path):
+    cfg = load_config(None, ["runtime.mode=ray", f"runtime.groups=[{{deepspeed_config: {tmp_path}/z.json}}, {{}}]"])
+    with pytest.raises(ConfigError, match=r"runtime\.groups\[0\]\.deepspeed_config: DeepSpeed config file .*z\.json"):
+        deepspeed_config(cfg, cfg.runtime.groups[0], "runtime.groups[0].deepspeed_config")

@@ -52,31 +52,28 @@ def _assert_same_run(reference, result):
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, tmp_path_factory):
-    """Single-process runs, one per stage layout, computed once."""
+    """Single-process runs, one per (stage layout, micro-batches per step), each computed once."""
     runs = {}
 
-    def get(boundaries=None):
-        if boundaries not in runs:
+    def get(boundaries=None, per_step=2):
+        if (boundaries, per_step) not in runs:
             out = tmp_path_factory.mktemp("local")
-            runs[boundaries] = train(_config(tiny_model_dir("llama"), out, "local", boundaries=boundaries))
-        return runs[boundaries]
+            cfg = _config(tiny_model_dir("llama"), out, "local", boundaries=boundaries,
+                          extra=[f"train.micro_batches_per_step={per_step}"])
+            runs[boundaries, per_step] = train(cfg)
+        return runs[boundaries, per_step]
 
     return get
 
 
-@pytest.mark.parametrize(("workers", "zero"), [((1, 1), 2), ((2, 2), 2), ((1, 2), 0)])
+@pytest.mark.parametrize(("workers", "zero"), [((1, 1), 2), ((2, 2), 2), ((1, 2), 0), ((2, 1), 1), ((1, 1), 3)])
 def test_two_stage_pipeline_matches_single_process(tiny_model_dir, reference, tmp_path, workers, zero):
+    per_step = 2 * max(workers)  # a multiple of lcm(group sizes), two micro-batches per worker at most
     cfg = _config(tiny_model_dir("llama"), tmp_path, "ray", workers=workers, zero=zero,
-                  extra=[f"train.micro_batches_per_step={2 * max(workers)}"] if max(workers) > 1 else [])
+                  extra=[f"train.micro_batches_per_step={per_step}"])
     result = train(cfg)
-    ref_cfg = cfg
     assert len(result.records) == STEPS
-    if cfg.train.micro_batches_per_step == 2:
-        _assert_same_run(reference(), result)
-    else:
-        local = train(_config(tiny_model_dir("llama"), tmp_path / "local", "local",
-                              extra=[f"train.micro_batches_per_step={ref_cfg.train.micro_batches_per_step}"]))
-        _assert_same_run(local, result)
+    _assert_same_run(reference(per_step=per_step), result)
 
 
 def test_four_stages_of_one_worker_match_single_process(tiny_model_dir, reference, tmp_path):

@@ -85,7 +85,8 @@ def test_deepspeed_json_is_completed_from_the_experiment(tmp_path):
     ds = _ds_check(tmp_path, {"zero_optimization": {"stage": 3}}, "train.micro_batch_size=3",
                    "train.micro_batches_per_step=4", "train.dtype=bfloat16", "train.grad_clip=0.5")
     assert ds["zero_optimization"] == {"stage": 3}
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 4, 12)
+    sizes = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert sizes == (3, 4, 12)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
 
 

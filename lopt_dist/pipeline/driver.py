@@ -83,6 +83,8 @@ class PipelineDriver:
         connect_ray(cfg)
         gpu = use_gpus(cfg)
         check_cluster_fits(cfg, gpu)
+        if cfg.runtime.transport == "nccl" and not gpu:
+            raise ConfigError("runtime.transport: 'nccl' moves GPU tensors, but this run has no GPUs; use 'auto' or 'gloo'")
         backend = pick_backend(cfg.runtime.transport if gpu else "gloo")
         groups: list[WorkerGroup] = []
         try:

@@ -20,7 +20,8 @@ class Progress:
             self.bar.update(1)
             return
         shown = {"tok/s": f"{record['tokens_per_s']:.0f}", "loss": f"{record['task_loss']:.4f}"}
-        shown.update({k.replace("recon_loss_", "rec"): f"{v:.4g}" for k, v in record.items() if k.startswith("recon_loss_")})
+        recon = {k.replace("recon_loss_", "rec"): f"{v:.4g}" for k, v in record.items() if k.startswith("recon_loss_")}
+        shown.update(recon)
         if "channel_depth" in record:
             shown["depth"] = record["channel_depth"]
         self.bar.set_postfix(shown, refresh=False)
@@ -28,7 +29,8 @@ class Progress:
         if not self.bar.disable:
             return
         # Without a bar (logging.progress: false, or no terminal) print one line per logged step.
-        print(f"step {record['step'] + 1}: " + " ".join(f"{k}={v}" for k, v in shown.items()), file=sys.stderr, flush=True)
+        line = " ".join(f"{k}={v}" for k, v in shown.items())
+        print(f"step {record['step'] + 1}: {line}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.bar.close()

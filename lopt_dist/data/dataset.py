@@ -6,6 +6,7 @@ training is decided later, by `MicroBatches`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from lopt_dist.config import DataConfig
 from lopt_dist.data.arithmetic import generate_arithmetic_rows
 from lopt_dist.data.formats import DataError, detect_format, parse_row
 from lopt_dist.data.tokenize import encode_example
+
+logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 _LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -79,6 +82,8 @@ def build_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> SFTEx
             f"no usable examples in {cfg.source!r}: {len(rows)} rows, {bad} did not fit format {fmt!r}, "
             f"{too_long} had prompts filling data.max_seq_length={cfg.max_seq_length}"
         )
+    logger.info("data %s: %d examples (format %s) from %d rows; skipped %d bad rows, %d with no room for the answer",
+                cfg.source, len(examples), fmt, len(rows), bad, too_long)
     return SFTExamples(examples=examples, format=fmt, rows=len(rows), skipped_bad=bad, skipped_too_long=too_long)
 
 

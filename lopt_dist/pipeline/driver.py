@@ -77,7 +77,13 @@ class PipelineDriver:
         self.groups = groups
 
     @classmethod
-    def start(cls, cfg: ExperimentConfig) -> PipelineDriver:
+    def start(cls, cfg: ExperimentConfig, worker_cls: type[StageWorker] = StageWorker,
+              extra_init_args: tuple = ()) -> PipelineDriver:
+        """Start one group per stage, wire the boundaries and build every engine.
+
+        `worker_cls` / `extra_init_args`: a `StageWorker` subclass and what its constructor takes after
+        `(cfg, stage_index)` (the benchmark's instrumented worker uses this).
+        """
         ds_configs = [deepspeed_config(cfg, g, f"runtime.groups[{i}].deepspeed_config")
                       for i, g in enumerate(cfg.runtime.groups)]
         connect_ray(cfg)
@@ -90,8 +96,8 @@ class PipelineDriver:
         try:
             for i, g in enumerate(cfg.runtime.groups):
                 groups.append(WorkerGroup.create(
-                    StageWorker, g.workers, name=f"stage {i}", cpus_per_worker=g.threads_per_worker, use_gpu=gpu,
-                    init_args=(cfg, i), start_timeout_s=cfg.runtime.start_timeout_s,
+                    worker_cls, g.workers, name=f"stage {i}", cpus_per_worker=g.threads_per_worker, use_gpu=gpu,
+                    init_args=(cfg, i, *extra_init_args), start_timeout_s=cfg.runtime.start_timeout_s,
                 ))
             # Boundary b's store lives on stage b's worker 0, on a port free on that node.
             addresses = [BoundaryAddress(g.master_addr, g.execute_single(0, "_find_free_port")) for g in groups[:-1]]

@@ -90,6 +90,15 @@ def test_deepspeed_json_is_completed_from_the_experiment(tmp_path):
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
 
 
+@pytest.mark.parametrize(("zero_stage", "warned"), [(0, False), (2, True)])
+def test_zero_on_a_one_worker_group_is_flagged(tmp_path, caplog, zero_stage, warned):
+    _ds_check(tmp_path, {"zero_optimization": {"stage": zero_stage}})
+    flagged = [r.getMessage() for r in caplog.records if "one-worker group" in r.getMessage()]
+    assert bool(flagged) == warned
+    if warned:
+        assert "ZeRO stage 2" in flagged[0] and "zero0.json" in flagged[0]
+
+
 @pytest.mark.parametrize(("contents", "message"), [
     ({"optimizer": {"type": "Adam"}}, r"sets 'optimizer'; lopt-dist builds the optimizer .* Remove 'optimizer'"),
     ({"train_micro_batch_size_per_gpu": 8}, r"sets train_micro_batch_size_per_gpu=8 but the experiment needs 4"),

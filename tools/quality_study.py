@@ -8,7 +8,11 @@ and both results with `lopt-eval` (GSM8K answer loss and accuracy, perplexity on
 
 Learning rates are not tuned for either method: both give the parameters that learn from the task the same
 peak rate (`--lr`), and LoPT's first half learns from reconstruction at that rate too, so neither side gets a
-search the other did not. Each training run is its own process, so its wall time and peak memory are its own.
+search the other did not. `--lopt-lr-first 5e-6` adds a LoPT run whose first half learns at another rate (an
+ablation, reported beside the main comparison). Each training run is its own process, so its wall time and
+peak memory are its own. A finished run or evaluation is kept (`run.json`, `eval.json` in its directory) and
+reused when the study is run again with the same settings, so an interrupted study, or one given a new
+variant, redoes only what is missing.
 """
 
 from __future__ import annotations
@@ -43,25 +47,34 @@ class StudySettings:
     num_windows: int = 24
 
 
-def train_overrides(s: StudySettings, method: str, out: Path) -> list[str]:
+def train_overrides(s: StudySettings, method: str, out: Path, lr_first: float) -> list[str]:
     common = [
         f"output_dir={out}", "model.name=smollm2-135m", f"data.source={s.data}", "data.format=gsm8k",
         f"data.max_seq_length={s.max_seq_length}", f"train.steps={s.steps}",
         f"train.micro_batch_size={s.micro_batch_size}", f"train.micro_batches_per_step={s.micro_batches_per_step}",
-        f"train.lr={s.lr}", f"train.lr_first={s.lr}", f"train.warmup_steps={s.warmup_steps}",
+        f"train.lr={s.lr}", f"train.lr_first={lr_first}", f"train.warmup_steps={s.warmup_steps}",
         "checkpoint.save_every=0", "logging.progress=false",
     ]
     if method == "e2e":
         return common + ["train.method=e2e", "runtime.mode=local"]
-    groups = "[{workers: 1, threads_per_worker: 1}, {workers: 1, threads_per_worker: 1}]"
+    # One worker per group: nothing to shard, so ZeRO-0 (ZeRO-2 would give the same updates, slower).
+    group = "{workers: 1, threads_per_worker: 1, deepspeed_config: configs/deepspeed/zero0.json}"
+    groups = f"[{group}, {group}]"
     return common + ["train.method=lopt", "runtime.mode=ray", "runtime.ray_num_cpus=2", f"runtime.groups={groups}"]
 
 
-def run_training(s: StudySettings, method: str, root: Path) -> dict:
-    out = root / method
+def run_name(method: str, lr_first: float, s: StudySettings) -> str:
+    return method if lr_first == s.lr else f"{method}_lr_first_{lr_first:g}"
+
+
+def run_training(s: StudySettings, method: str, root: Path, lr_first: float) -> dict:
+    out = root / run_name(method, lr_first, s)
     cmd = [sys.executable, "-m", "lopt_dist.cli", "configs/default.yaml"]
-    for item in train_overrides(s, method, out):
+    for item in train_overrides(s, method, out, lr_first):
         cmd += ["--set", item]
+    done = _reusable(out / "run.json", {"command": " ".join(cmd[1:])})
+    if done:
+        return done
     print("$", " ".join(cmd), flush=True)
     start = time.monotonic()
     subprocess.run(cmd, check=True)
@@ -69,16 +82,33 @@ def run_training(s: StudySettings, method: str, root: Path) -> dict:
     records = read_metrics(out / "metrics.jsonl")
     peaks = {k.removesuffix("_peak_mem_bytes"): max(r[k] for r in records)
              for k in records[0] if k.endswith("peak_mem_bytes")}
-    return {"method": method, "wall_s": wall, "peak_mem_bytes": peaks, "model_dir": str(out / "model"),
-            "metrics": str(out / "metrics.jsonl"), "final_task_loss": records[-1]["task_loss"],
-            "first_task_loss": records[0]["task_loss"], "command": " ".join(cmd)}
+    run = {"method": method, "lr_first": lr_first, "wall_s": wall, "peak_mem_bytes": peaks,
+           "model_dir": str(out / "model"), "metrics": str(out / "metrics.jsonl"),
+           "final_task_loss": records[-1]["task_loss"], "first_task_loss": records[0]["task_loss"],
+           "command": " ".join(cmd[1:])}
+    (out / "run.json").write_text(json.dumps(run, indent=2))
+    return run
 
 
-def run_eval(s: StudySettings, model: str) -> dict:
+def _reusable(path: Path, expected: dict) -> dict | None:
+    """What an earlier study wrote at `path`, if it was made with the same settings (`expected` keys)."""
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    return done if all(done.get(k) == v for k, v in expected.items()) else None
+
+
+def run_eval(s: StudySettings, model: str, out: Path) -> dict:
     cfg = EvalConfig(model=model, data=s.test_data, num_loss=s.num_loss, num_accuracy=s.num_accuracy,
                      max_new_tokens=s.max_new_tokens, num_windows=s.num_windows, device="cpu")
+    done = _reusable(out / "eval.json", {"eval_config": asdict(cfg)})
+    if done:
+        return done
     result = evaluate(cfg)
     result.pop("records", None)
+    result["eval_config"] = asdict(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -87,14 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/quality", help="where runs, evaluations and results.json go")
     for name, value in asdict(StudySettings()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--lopt-lr-first", type=float, action="append", default=[],
+                        help="an extra LoPT run with this first-half learning rate (repeatable)")
     args = parser.parse_args(argv)
     settings = StudySettings(**{k: getattr(args, k) for k in asdict(StudySettings())})
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
-    runs = {m: run_training(settings, m, root) for m in ("e2e", "lopt")}
-    evals = {"base": run_eval(settings, "smollm2-135m")}
-    evals.update({m: run_eval(settings, r["model_dir"]) for m, r in runs.items()})
-    draw([load_run(Path(r["metrics"]), m) for m, r in runs.items()], root / "loss_curves.png")
+    plan = [("e2e", settings.lr), ("lopt", settings.lr)] + [("lopt", v) for v in args.lopt_lr_first]
+    runs = {run_name(m, v, settings): run_training(settings, m, root, v) for m, v in plan}
+    evals = {"base": run_eval(settings, "smollm2-135m", root / "base")}
+    evals.update({name: run_eval(settings, r["model_dir"], root / name) for name, r in runs.items()})
+    draw([load_run(Path(r["metrics"]), name) for name, r in runs.items()], root / "loss_curves.png")
     results = {"settings": asdict(settings), "runs": runs, "evals": evals}
     (root / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps({m: e["figures"] for m, e in evals.items()}, indent=2))

@@ -9,6 +9,7 @@ never reach an earlier stage.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,9 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from lopt_dist.config import ConfigError
 from lopt_dist.model.decoder import ReconstructionDecoder, reconstruction_loss
 from lopt_dist.model.parts import DecoderParts, find_parts, layer_attention_types
+
+# transformers 5.24 renamed the mask helpers' `past_key_values` argument to `cache`; pass whichever it takes.
+_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 BOUNDARY_KEYS = ("hidden_states", "attention_mask", "position_ids", "labels")
 IGNORE_INDEX = -100
@@ -128,8 +132,8 @@ class Stage(nn.Module):
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=mask2d,
-            past_key_values=None,
             position_ids=position_ids,
+            **{_CACHE_ARG: None},
         )
         masks = {}
         if "full_attention" in self.layer_types:

@@ -9,12 +9,15 @@ is rejected rather than silently overridden.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from lopt_dist.config import ConfigError, ExperimentConfig, GroupConfig
 from lopt_dist.model import Stage
 from lopt_dist.train.optim import build_optimizer, build_scheduler, stage_lr
+
+logger = logging.getLogger(__name__)
 
 # Set from the experiment YAML; the optimizer and scheduler are built by lopt-dist so that every path
 # (single process, any ZeRO stage) uses the same AdamW groups and warm-up + cosine schedule.
@@ -66,6 +69,11 @@ def deepspeed_config(cfg: ExperimentConfig, group: GroupConfig, key: str) -> dic
     # Our optimizer is torch's AdamW, which DeepSpeed has not certified for every ZeRO stage.
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 10**9)
+    zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if group.workers == 1 and zero_stage > 0:
+        logger.warning("%s: ZeRO stage %d on a one-worker group shards nothing but still costs time and memory "
+                       "(about 1.5x slower on CPU, docs/benchmarks.md); configs/deepspeed/zero0.json gives the "
+                       "same updates", key, zero_stage)
     return ds
 
 

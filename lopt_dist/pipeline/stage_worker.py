@@ -21,7 +21,7 @@ from lopt_dist.model import BOUNDARY_KEYS, split_model
 from lopt_dist.model.loading import load_causal_lm
 from lopt_dist.pipeline.deepspeed_engine import build_engine
 from lopt_dist.pipeline.worker_group import WorkerBase
-from lopt_dist.telemetry.memory import memory_snapshot
+from lopt_dist.telemetry.memory import memory_snapshot, reset_peak
 from lopt_dist.transport import ActivationReceiver, ActivationSender, BoundaryLayout, create_boundary_group
 
 
@@ -130,6 +130,7 @@ class StageWorker(WorkerBase):
         """One optimizer step: this worker's share of micro-batches step*M .. (step+1)*M - 1."""
         per_step = self.cfg.train.micro_batches_per_step
         stats = WorkerStepStats(stage=self.stage_index, rank=self.rank_info.rank, step=step)
+        reset_peak(self.device)
         start = time.perf_counter()
         sent0 = self.sender.stats.snapshot() if self.sender else None
         recv0 = self.receiver.stats.snapshot() if self.receiver else None

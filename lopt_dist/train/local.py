@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from lopt_dist.config import ExperimentConfig
 from lopt_dist.model import Stage, causal_lm_loss, split_model
-from lopt_dist.telemetry.memory import memory_snapshot
+from lopt_dist.telemetry.memory import memory_snapshot, reset_peak
 from lopt_dist.train.optim import build_optimizer, build_scheduler, stage_lr
 
 
@@ -81,6 +81,7 @@ class LocalTrainer:
         return contextlib.nullcontext()
 
     def train_step(self) -> StepResult:
+        reset_peak(self.device)
         start = time.perf_counter()
         per_step = self.cfg.train.micro_batches_per_step
         task, recon, tokens = 0.0, None, 0

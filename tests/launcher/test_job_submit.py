@@ -39,6 +39,9 @@ def _free_ports(n: int) -> list[int]:
 def ray_head(tmp_path):
     gcs, dashboard, client, node_mgr, obj_mgr, agent, agent_grpc, env_agent, metrics = _free_ports(9)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    # As on a cluster whose nodes run lopt-dist's environment: the job's `python` is this interpreter (an
+    # activated virtualenv does the same), not whatever python comes first on the caller's PATH.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.pop("RAY_ADDRESS", None)
     temp_dir = Path("/tmp") / f"lopt-ray-{secrets.token_hex(4)}"  # Ray's socket paths must stay short
     cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",

@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--zero2-config", help="DeepSpeed ZeRO-2 JSON of the data-parallel row "
                                           "(default configs/deepspeed/zero2.json)")
     p.add_argument("--lopt-dist-deepspeed-config", help="DeepSpeed JSON of the lopt-dist stage groups "
-                                                        "(default configs/deepspeed/zero2.json, as lopt-train)")
+                                                        "(default configs/deepspeed/zero0.json, as lopt-train's "
+                                                        "one-worker groups)")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", dest="out_dir", help="output directory (default bench-out)")
     p.add_argument("--verbose", action="store_true", help="show the workers' own logs")

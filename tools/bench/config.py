@@ -51,8 +51,8 @@ class BenchConfig:
     boundaries: list[int] | None = None  # layer cut of the pipelines; None: as even as the layers allow
     channel_depth: int = 4  # lopt-dist: micro-batches a stage may run ahead of the next
     zero2_config: str = str(_DEEPSPEED / "zero2.json")  # DeepSpeed JSON of the data-parallel row; ZeRO stage 2
-    # DeepSpeed JSON of the lopt-dist groups: lopt-dist's own default, ZeRO-2.
-    lopt_dist_deepspeed_config: str = str(_DEEPSPEED / "zero2.json")
+    # DeepSpeed JSON of the lopt-dist groups: as lopt-train's default configs for one-worker groups, ZeRO-0.
+    lopt_dist_deepspeed_config: str = str(_DEEPSPEED / "zero0.json")
     lr: float = 1e-5
     seed: int = 0
     out_dir: str = "bench-out"

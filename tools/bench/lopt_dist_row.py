@@ -17,7 +17,8 @@ from lopt_dist.pipeline.worker_group import wait_all
 from tools.bench.config import BenchConfig
 from tools.bench.data import SyntheticBatches
 from tools.bench.experiment import experiment_config
-from tools.bench.measure import EventLog, WorkerRecord, device_name, peak_memory, reset_peak_memory
+from lopt_dist.telemetry.memory import reset_peak
+from tools.bench.measure import EventLog, WorkerRecord, device_name, peak_memory
 from tools.bench.models import ModelInfo
 
 
@@ -79,6 +80,7 @@ class BenchStageWorker(StageWorker):
         self.bench = bench
         self.vocab_size = vocab_size
         self.windows: list[tuple[float, float]] = []
+        self.peak = 0
 
     def _build_data(self) -> None:
         self.batches = SyntheticBatches(self.cfg.train.micro_batch_size, self.bench.seq_len, self.vocab_size,
@@ -92,7 +94,7 @@ class BenchStageWorker(StageWorker):
             self.sender = _TimedSender(self.sender, self.log)
         if self.receiver is not None:
             self.receiver = _TimedReceiver(self.receiver, self.log)
-        self.mem_at_start = reset_peak_memory(self.device)
+        self.mem_at_start = reset_peak(self.device)
         return parameters
 
     def train_step(self, step: int):
@@ -100,13 +102,14 @@ class BenchStageWorker(StageWorker):
         start = time.time()
         stats = super().train_step(step)
         self.windows.append((start, time.time()))
+        self.peak = max(self.peak, peak_memory(self.device)[0])  # the step reset the peak when it began
         return stats
 
     def bench_record(self) -> WorkerRecord:
         """What the step stats lack: step windows, the timeline step's events and the peak since set-up."""
         record = WorkerRecord(label=f"stage {self.stage_index} worker {self.rank_info.rank}",
                               device=device_name(self.device), windows=list(self.windows), events=self.log.kept)
-        record.peak_mem_bytes, record.mem_kind = peak_memory(self.device)
+        record.peak_mem_bytes, record.mem_kind = self.peak, peak_memory(self.device)[1]
         record.mem_at_start_bytes = self.mem_at_start
         return record
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lopt_dist.telemetry.memory import current_rss_bytes, peak_rss_bytes
+from lopt_dist.telemetry.memory import peak_rss_bytes
 
 # What counts as computing; everything else a worker does in a step is sending, receiving or waiting.
 COMPUTE_KINDS = ("forward", "backward", "backward_input", "backward_weight", "optimizer")
@@ -88,19 +88,9 @@ def use_threads(device: torch.device, threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def reset_peak_memory(device: torch.device) -> int:
-    """Start the peak over from here, so it covers training and not the loading of the whole model; returns the
-    memory in use now, the floor the peak starts from."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    # Linux: writing 5 resets the process's peak resident set size to its current size.
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    return current_rss_bytes()
-
-
 def peak_memory(device: torch.device) -> tuple[int, str]:
+    """The peak since the last `reset_peak`. Every row resets it when a step begins (lopt-dist's trainers do
+    so themselves) and keeps the largest step peak: training, not the loading of the whole model."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "CUDA peak allocated"
     return peak_rss_bytes(), "peak RSS"

@@ -24,7 +24,8 @@ from tools.bench.chunks import E2EChunk
 from tools.bench.config import BenchConfig
 from tools.bench.data import SyntheticBatches
 from tools.bench.experiment import pipeline_boundaries
-from tools.bench.measure import EventLog, WorkerRecord, device_name, peak_memory, reset_peak_memory, use_threads
+from lopt_dist.telemetry.memory import reset_peak
+from tools.bench.measure import EventLog, WorkerRecord, device_name, peak_memory, use_threads
 from tools.bench.models import ModelInfo, even_boundaries
 
 
@@ -104,7 +105,7 @@ class PipelineWorker(WorkerBase):
         self.schedule = spec.cls(target, self.cfg.micro_batches, loss_fn=causal_lm_loss)
         self.optimizer = build_optimizer(nn.ModuleList(modules), self.cfg.lr, 0.0)
         self.traffic = self._traffic_per_step(ranks)
-        self.mem_at_start = reset_peak_memory(self.device)
+        self.mem_at_start = reset_peak(self.device)
 
     def _build_chunks(self) -> list[E2EChunk]:
         """This rank's chunks of the model, on its device; the rest of the model is dropped."""
@@ -131,10 +132,12 @@ class PipelineWorker(WorkerBase):
         batches = SyntheticBatches(self.cfg.micro_batch_size, self.cfg.seq_len, self.model.vocab_size, self.cfg.seed)
         is_first, is_last = any(s.is_first for s in self.stages), any(s.is_last for s in self.stages)
         record.loss_sums = [] if is_last else None
+        peak = 0
         for step in range(self.cfg.total_steps):
             batch = {k: v.to(self.device) for k, v in batches.step(step, self.cfg.micro_batches).items()}
             losses: list[torch.Tensor] = []
             self.log.begin_step(step)
+            reset_peak(self.device)
             start = time.time()
             args = (batch["input_ids"],) if is_first else ()
             kwargs = {"target": batch["labels"], "losses": losses} if is_last else {}
@@ -144,13 +147,14 @@ class PipelineWorker(WorkerBase):
                 self.optimizer.zero_grad(set_to_none=True)
             end = time.time()
             record.windows.append((start, end))
+            peak = max(peak, peak_memory(self.device)[0])
             record.busy_s.append(self.log.compute_s)
             record.comm_s.append(end - start - self.log.compute_s)
             record.bytes_sent.append(self.traffic[0])
             record.bytes_received.append(self.traffic[1])
             if is_last:
                 record.loss_sums.append(sum(float(loss) for loss in losses))
-        record.peak_mem_bytes, record.mem_kind = peak_memory(self.device)
+        record.peak_mem_bytes, record.mem_kind = peak, peak_memory(self.device)[1]
         record.mem_at_start_bytes = self.mem_at_start
         record.events = self.log.kept
         return record

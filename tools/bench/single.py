@@ -16,7 +16,8 @@ from lopt_dist.train.local import LocalTrainer
 from tools.bench.config import BenchConfig
 from tools.bench.data import SyntheticBatches
 from tools.bench.experiment import experiment_config
-from tools.bench.measure import WorkerRecord, device_name, peak_memory, reset_peak_memory, use_threads
+from lopt_dist.telemetry.memory import reset_peak
+from tools.bench.measure import WorkerRecord, device_name, peak_memory, use_threads
 from tools.bench.models import ModelInfo
 
 
@@ -35,14 +36,16 @@ class SingleDeviceWorker(WorkerBase):
         batches = SyntheticBatches(self.cfg.micro_batch_size, self.cfg.seq_len, self.model.vocab_size, self.cfg.seed)
         experiment = experiment_config(self.cfg, self.model, method=self.method)
         self.trainer = LocalTrainer(experiment, hf_model, batches, device)
-        self.mem_at_start = reset_peak_memory(device)
+        self.mem_at_start = reset_peak(device)
 
     def run(self) -> WorkerRecord:
         device = self.trainer.device
         record = WorkerRecord(label=f"{self.method} on one device", device=device_name(device), loss_sums=[])
+        peak = 0
         for _ in range(self.cfg.total_steps):
             start = time.time()
-            result = self.trainer.train_step()
+            result = self.trainer.train_step()  # resets the memory peak when it begins
+            peak = max(peak, peak_memory(device)[0])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             end = time.time()
@@ -52,6 +55,6 @@ class SingleDeviceWorker(WorkerBase):
             record.bytes_sent.append(0)
             record.bytes_received.append(0)
             record.loss_sums.append(result.task_loss * self.cfg.micro_batches)
-        record.peak_mem_bytes, record.mem_kind = peak_memory(device)
+        record.peak_mem_bytes, record.mem_kind = peak, peak_memory(device)[1]
         record.mem_at_start_bytes = self.mem_at_start
         return record

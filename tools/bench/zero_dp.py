@@ -22,7 +22,8 @@ from lopt_dist.train.optim import build_optimizer, build_scheduler
 from tools.bench.config import BenchConfig
 from tools.bench.data import SyntheticBatches
 from tools.bench.experiment import experiment_config
-from tools.bench.measure import EventLog, WorkerRecord, device_name, peak_memory, reset_peak_memory, use_threads
+from lopt_dist.telemetry.memory import reset_peak
+from tools.bench.measure import EventLog, WorkerRecord, device_name, peak_memory, use_threads
 from tools.bench.models import ModelInfo
 
 
@@ -57,15 +58,17 @@ class DataParallelWorker(WorkerBase):
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self.ds_config)
         self.profiled = bool(self.ds_config.get("comms_logger", {}).get("enabled"))
-        self.mem_at_start = reset_peak_memory(self.device)
+        self.mem_at_start = reset_peak(self.device)
 
     def run(self) -> WorkerRecord:
         rank, workers, per_step = self.rank_info.rank, self.cfg.workers, self.cfg.micro_batches
         batches = SyntheticBatches(self.cfg.micro_batch_size, self.cfg.seq_len, self.model.vocab_size, self.cfg.seed)
         record = WorkerRecord(label=f"rank {rank} (whole model)", device=device_name(self.device), loss_sums=[])
+        peak = 0
         for step in range(self.cfg.total_steps):
             self._collective_totals()  # drop what set-up and earlier steps logged
             self.log.begin_step(step)
+            reset_peak(self.device)
             start, loss_sum = time.time(), 0.0
             for m in range(step * per_step, (step + 1) * per_step):
                 if m % workers != rank:
@@ -81,12 +84,13 @@ class DataParallelWorker(WorkerBase):
             end = time.time()
             comm_s, comm_bytes = self._collective_totals()
             record.windows.append((start, end))
+            peak = max(peak, peak_memory(self.device)[0])
             record.busy_s.append(end - start - comm_s if comm_s is not None else self.log.compute_s)
             record.comm_s.append(comm_s)
             record.bytes_sent.append(comm_bytes)
             record.bytes_received.append(comm_bytes)
             record.loss_sums.append(loss_sum)
-        record.peak_mem_bytes, record.mem_kind = peak_memory(self.device)
+        record.peak_mem_bytes, record.mem_kind = peak, peak_memory(self.device)[1]
         record.mem_at_start_bytes = self.mem_at_start
         return record
 

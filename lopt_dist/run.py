@@ -53,6 +53,10 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ConfigError(f"data.source: file {data.source} does not exist")
         if source.exists():
             data = dataclasses.replace(data, source=str(source.resolve()))
+        if source.is_file():
+            from lopt_dist.data.dataset import check_local_file
+
+            check_local_file(data)  # wrong columns fail here, not in a worker minutes later
     groups = [dataclasses.replace(g, deepspeed_config=str(Path(g.deepspeed_config).resolve()))
               for g in cfg.runtime.groups]
     runtime = dataclasses.replace(cfg.runtime, groups=groups)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from lopt_dist.config import ConfigError, load_config
+from lopt_dist.data import DataError
 from lopt_dist.pipeline.deepspeed_engine import deepspeed_config
 from lopt_dist.run import prepare
 from tests.conftest import REPO
@@ -66,6 +67,35 @@ def test_missing_data_file_is_refused_before_start(tiny_model_dir, tmp_path):
     cfg = load_config(None, [f"model.name={tiny_model_dir('llama')}", f"data.source={tmp_path}/train.jsonl"])
     with pytest.raises(ConfigError, match=r"data\.source: file .*train\.jsonl does not exist"):
         prepare(cfg)
+
+
+def _write_rows(path, rows):
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text("\n" + "\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+@pytest.mark.parametrize(("fmt", "message"), [
+    ("gsm8k", r"lacks column\(s\) answer that format 'gsm8k' needs \(question, answer\); it has \['body', 'question'\]"),
+    ("auto", r"cannot detect the data format from the columns \['body', 'question'\]"),
+])
+def test_data_columns_that_do_not_fit_are_refused_before_start(tiny_model_dir, tmp_path, suffix, fmt, message):
+    data = _write_rows(tmp_path / f"train{suffix}", [{"question": "1+1?", "body": "2"}] * 3)
+    cfg = load_config(None, [f"model.name={tiny_model_dir('llama')}", f"data.source={data}", f"data.format={fmt}"])
+    with pytest.raises(DataError, match=message):
+        prepare(cfg)
+
+
+def test_data_columns_that_fit_pass_the_check(tiny_model_dir, tmp_path):
+    data = _write_rows(tmp_path / "train.jsonl", [{"question": "1+1?", "answer": "#### 2"}])
+    cfg = load_config(None, [f"model.name={tiny_model_dir('llama')}", f"data.source={data}"])
+    assert prepare(cfg).data.source == str(data)
 
 
 def test_missing_model_is_refused_before_start(tmp_path):

@@ -6,6 +6,7 @@ training is decided later, by `MicroBatches`.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lopt_dist.config import DataConfig
 from lopt_dist.data.arithmetic import generate_arithmetic_rows
-from lopt_dist.data.formats import DataError, detect_format, parse_row
+from lopt_dist.data.formats import DataError, check_columns, detect_format, parse_row
 from lopt_dist.data.tokenize import encode_example
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,36 @@ def build_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> SFTEx
     logger.info("data %s: %d examples (format %s) from %d rows; skipped %d bad rows, %d with no room for the answer",
                 cfg.source, len(examples), fmt, len(rows), bad, too_long)
     return SFTExamples(examples=examples, format=fmt, rows=len(rows), skipped_bad=bad, skipped_too_long=too_long)
+
+
+def check_local_file(cfg: DataConfig) -> None:
+    """Fail in a second, before any worker starts, when a local file's first row cannot fit `cfg.format`.
+
+    Reads only the first record (JSONL line or Parquet schema); a `.json` array or a hub dataset is checked
+    when the workers load it. With `skip_bad_rows` and a fixed format, a bad first row is only skipped later."""
+    if cfg.skip_bad_rows and cfg.format != "auto":
+        return
+    path = Path(cfg.source).expanduser()
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        columns = pq.read_schema(path).names
+    elif suffix == ".jsonl":
+        with path.open() as fh:
+            first = next((line for line in fh if line.strip()), None)
+        if first is None:
+            raise DataError(f"data.source {cfg.source!r} has no rows")
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError as err:
+            raise DataError(f"data.source {cfg.source!r}: the first line is not JSON ({err})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"data.source {cfg.source!r}: rows must be JSON objects, the first is {type(row).__name__}")
+        columns = list(row)
+    else:
+        return
+    check_columns(columns, cfg.format, f"data.source {cfg.source}")
 
 
 def _builtin_rows(name: str, cfg: DataConfig) -> list[dict[str, Any]]:

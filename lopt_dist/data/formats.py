@@ -41,6 +41,21 @@ def detect_format(columns: list[str] | tuple[str, ...] | set[str]) -> str:
     )
 
 
+def check_columns(columns: list[str], fmt: str, where: str) -> str:
+    """The format rows with these columns will be read as ("auto" resolved), or DataError naming what is missing."""
+    if fmt == "auto":
+        return detect_format(columns)
+    if fmt not in FORMAT_COLUMNS:
+        raise DataError(f"unknown data format {fmt!r}; known formats: {sorted(FORMAT_COLUMNS)}")
+    missing = [c for c in FORMAT_COLUMNS[fmt][0] if c not in columns]
+    if missing:
+        raise DataError(
+            f"{where} lacks column(s) {', '.join(missing)} that format {fmt!r} needs ({_describe(fmt)}); it has "
+            f"{sorted(columns)}. Rename the columns, or set data.format to the format the file is in"
+        )
+    return fmt
+
+
 def parse_row(row: dict[str, Any], fmt: str, index: int) -> tuple[list[Message], str]:
     """(prompt messages, completion) of `row`; DataError naming the row and the columns when it does not fit."""
     if fmt not in FORMAT_COLUMNS:

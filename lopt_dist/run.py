@@ -19,6 +19,7 @@ from lopt_dist.config import ConfigError, ExperimentConfig
 from lopt_dist.model.export import export_model
 from lopt_dist.model.loading import load_model_config, load_tokenizer
 from lopt_dist.model.stages import resolve_boundaries
+from lopt_dist.telemetry.memory import step_peak_bytes
 from lopt_dist.telemetry.metrics import MetricsLog, TensorBoardLog
 from lopt_dist.telemetry.progress import Progress
 
@@ -133,8 +134,7 @@ class _LocalRunner:
         while self.trainer.step < end:
             result = self.trainer.train_step()
             record = result.as_record()
-            memory = self.trainer.memory()
-            record["peak_mem_bytes"] = memory.get("cuda_peak_allocated_bytes", memory["peak_rss_bytes"])
+            record["peak_mem_bytes"] = step_peak_bytes(self.trainer.memory())
             staged = checkpoint_at(result.step + 1)
             if staged is not None:
                 self.trainer.save_state(staged)

@@ -41,12 +41,16 @@ def detect_format(columns: list[str] | tuple[str, ...] | set[str]) -> str:
     )
 
 
+def _require_known(fmt: str) -> None:
+    if fmt not in FORMAT_COLUMNS:
+        raise DataError(f"unknown data format {fmt!r}; known formats: {sorted(FORMAT_COLUMNS)}")
+
+
 def check_columns(columns: list[str], fmt: str, where: str) -> str:
     """The format rows with these columns will be read as ("auto" resolved), or DataError naming what is missing."""
     if fmt == "auto":
         return detect_format(columns)
-    if fmt not in FORMAT_COLUMNS:
-        raise DataError(f"unknown data format {fmt!r}; known formats: {sorted(FORMAT_COLUMNS)}")
+    _require_known(fmt)
     missing = [c for c in FORMAT_COLUMNS[fmt][0] if c not in columns]
     if missing:
         raise DataError(
@@ -58,8 +62,7 @@ def check_columns(columns: list[str], fmt: str, where: str) -> str:
 
 def parse_row(row: dict[str, Any], fmt: str, index: int) -> tuple[list[Message], str]:
     """(prompt messages, completion) of `row`; DataError naming the row and the columns when it does not fit."""
-    if fmt not in FORMAT_COLUMNS:
-        raise DataError(f"unknown data format {fmt!r}; known formats: {sorted(FORMAT_COLUMNS)}")
+    _require_known(fmt)
     parser = _PARSERS[fmt]
     try:
         return parser(row)

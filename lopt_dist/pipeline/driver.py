@@ -23,6 +23,7 @@ from lopt_dist.pipeline.deepspeed_engine import deepspeed_config
 from lopt_dist.pipeline.errors import WorkerFailedError, WorkerGroupStartError
 from lopt_dist.pipeline.stage_worker import BoundaryAddress, StageWorker, WorkerStepStats
 from lopt_dist.pipeline.worker_group import WorkerGroup, wait_all
+from lopt_dist.telemetry.memory import step_peak_bytes
 from lopt_dist.transport import pick_backend
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,6 @@ def summarize_step(report: StepReport, cfg: ExperimentConfig, wall_s: float) -> 
         record[f"{key}_send_wait_s"] = w.send_wait_s
         record[f"{key}_bytes_sent"] = w.bytes_sent
         record[f"{key}_max_depth"] = w.max_outstanding
-        record[f"{key}_peak_mem_bytes"] = w.memory.get("cuda_peak_allocated_bytes", w.memory.get("peak_rss_bytes", 0))
+        record[f"{key}_peak_mem_bytes"] = step_peak_bytes(w.memory)
     record["channel_depth"] = max((w.max_outstanding for w in report.workers), default=0)
     return record

@@ -75,9 +75,7 @@ class StageWorker(WorkerBase):
         self, master_addr: str, master_port: int, boundaries: list[BoundaryAddress], backend: str, ds_config: dict
     ) -> int:
         """Join the group's process group, build the engine, then join the boundary groups. Returns #params."""
-        device = self.torch_device()
-        if device.type == "cpu":
-            torch.set_num_threads(self.group.threads_per_worker)
+        device = self.claim_device(self.group.threads_per_worker)
         self.init_torch_distributed(master_addr, master_port, "nccl" if device.type == "cuda" else "gloo")
         torch.manual_seed(self.cfg.train.seed)
         model = load_causal_lm(self.cfg.model.name, attn_implementation=self.cfg.model.attn_implementation)

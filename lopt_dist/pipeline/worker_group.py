@@ -155,6 +155,16 @@ class WorkerBase:
         info = self.rank_info
         return torch.device("cuda", info.local_rank) if info.gpu_ids else torch.device("cpu")
 
+    def claim_device(self, threads: int):
+        """This worker's torch device; on a CPU worker torch also gets `threads` threads, the CPUs Ray reserved
+        for it, so workers sharing a node do not oversubscribe its cores."""
+        import torch
+
+        device = self.torch_device()
+        if device.type == "cpu":
+            torch.set_num_threads(threads)
+        return device
+
     def init_torch_distributed(
         self, master_addr: str, master_port: int, backend: str = "gloo", timeout_s: float = 300.0
     ) -> None:

@@ -46,6 +46,11 @@ def memory_snapshot(device: torch.device) -> dict[str, int]:
     return snap
 
 
+def step_peak_bytes(snapshot: dict[str, int]) -> int:
+    """The one peak figure a step reports from its `memory_snapshot`: CUDA peak allocation, else peak RSS."""
+    return snapshot.get("cuda_peak_allocated_bytes", snapshot["peak_rss_bytes"])
+
+
 def _nvml_used(device: torch.device) -> dict[str, int]:
     try:
         import pynvml  # from nvidia-ml-py

@@ -17,7 +17,7 @@ from lopt_dist.pipeline.worker_group import wait_all
 from tools.bench.config import BenchConfig
 from tools.bench.data import SyntheticBatches
 from tools.bench.experiment import experiment_config
-from lopt_dist.telemetry.memory import reset_peak
+from lopt_dist.telemetry.memory import reset_peak, step_peak_bytes
 from tools.bench.measure import EventLog, WorkerRecord, device_name, peak_memory
 from tools.bench.models import ModelInfo
 
@@ -80,7 +80,6 @@ class BenchStageWorker(StageWorker):
         self.bench = bench
         self.vocab_size = vocab_size
         self.windows: list[tuple[float, float]] = []
-        self.peak = 0
 
     def _build_data(self) -> None:
         self.batches = SyntheticBatches(self.cfg.train.micro_batch_size, self.bench.seq_len, self.vocab_size,
@@ -102,14 +101,13 @@ class BenchStageWorker(StageWorker):
         start = time.time()
         stats = super().train_step(step)
         self.windows.append((start, time.time()))
-        self.peak = max(self.peak, peak_memory(self.device)[0])  # the step reset the peak when it began
         return stats
 
     def bench_record(self) -> WorkerRecord:
-        """What the step stats lack: step windows, the timeline step's events and the peak since set-up."""
+        """What the step stats lack: step windows, the timeline step's events, memory at the end of set-up."""
         record = WorkerRecord(label=f"stage {self.stage_index} worker {self.rank_info.rank}",
                               device=device_name(self.device), windows=list(self.windows), events=self.log.kept)
-        record.peak_mem_bytes, record.mem_kind = self.peak, peak_memory(self.device)[1]
+        record.mem_kind = peak_memory(self.device)[1]
         record.mem_at_start_bytes = self.mem_at_start
         return record
 
@@ -134,4 +132,5 @@ def run_lopt_dist(bench: BenchConfig, model: ModelInfo, gpu: bool) -> list[Worke
         record.bytes_sent = [s.bytes_sent for s in stats]
         record.bytes_received = [s.bytes_received for s in stats]
         record.loss_sums = [s.loss_sum for s in stats] if stats[0].stage == last_stage else None
+        record.peak_mem_bytes = max(step_peak_bytes(s.memory) for s in stats)  # each step's own peak
     return records

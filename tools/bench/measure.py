@@ -83,11 +83,6 @@ class WorkerRecord:
     events: list[Event] = field(default_factory=list)  # the timeline step only
 
 
-def use_threads(device: torch.device, threads: int) -> None:
-    if device.type == "cpu":
-        torch.set_num_threads(threads)
-
-
 def peak_memory(device: torch.device) -> tuple[int, str]:
     """The peak since the last `reset_peak`. Every row resets it when a step begins (lopt-dist's trainers do
     so themselves) and keeps the largest step peak: training, not the loading of the whole model."""

@@ -25,7 +25,7 @@ from tools.bench.config import BenchConfig
 from tools.bench.data import SyntheticBatches
 from tools.bench.experiment import pipeline_boundaries
 from lopt_dist.telemetry.memory import reset_peak
-from tools.bench.measure import EventLog, WorkerRecord, device_name, peak_memory, use_threads
+from tools.bench.measure import EventLog, WorkerRecord, device_name, peak_memory
 from tools.bench.models import ModelInfo, even_boundaries
 
 
@@ -88,9 +88,8 @@ class PipelineWorker(WorkerBase):
         self.schedule_name = schedule
 
     def setup(self, master_addr: str, master_port: int, backend: str) -> None:
-        self.device = self.torch_device()
+        self.device = self.claim_device(self.cfg.threads_per_worker)
         self.log = EventLog(keep_step=self.cfg.total_steps - 1, device=self.device)
-        use_threads(self.device, self.cfg.threads_per_worker)
         self.init_torch_distributed(master_addr, master_port, backend)
         ranks = chunk_ranks(self.schedule_name, self.cfg.workers)
         self.mine = [i for i, r in enumerate(ranks) if r == self.rank_info.rank]

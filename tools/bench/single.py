@@ -17,7 +17,7 @@ from tools.bench.config import BenchConfig
 from tools.bench.data import SyntheticBatches
 from tools.bench.experiment import experiment_config
 from lopt_dist.telemetry.memory import reset_peak
-from tools.bench.measure import WorkerRecord, device_name, peak_memory, use_threads
+from tools.bench.measure import WorkerRecord, device_name, peak_memory
 from tools.bench.models import ModelInfo
 
 
@@ -29,8 +29,7 @@ class SingleDeviceWorker(WorkerBase):
         self.trainer: LocalTrainer | None = None
 
     def setup(self) -> None:
-        device = self.torch_device()
-        use_threads(device, self.cfg.single_device_threads)
+        device = self.claim_device(self.cfg.single_device_threads)
         torch.manual_seed(self.cfg.seed)
         hf_model = load_causal_lm(self.model.path)
         batches = SyntheticBatches(self.cfg.micro_batch_size, self.cfg.seq_len, self.model.vocab_size, self.cfg.seed)

@@ -23,7 +23,7 @@ from tools.bench.chunks import chunk_forward
 from tools.bench.config import BenchConfig
 from tools.bench.data import SyntheticBatches
 from tools.bench.experiment import experiment_config
-from tools.bench.measure import device_name, use_threads
+from tools.bench.measure import device_name
 from tools.bench.models import ModelInfo
 
 
@@ -46,8 +46,7 @@ class StageAloneWorker(WorkerBase):
         self.model = model
 
     def setup(self) -> None:
-        self.device = self.torch_device()
-        use_threads(self.device, self.cfg.threads_per_worker)
+        self.device = self.claim_device(self.cfg.threads_per_worker)
         torch.manual_seed(self.cfg.seed)
         experiment = experiment_config(self.cfg, self.model)
         self.stages = split_model(load_causal_lm(self.model.path), experiment.model.boundaries,

@@ -23,7 +23,7 @@ from tools.bench.config import BenchConfig
 from tools.bench.data import SyntheticBatches
 from tools.bench.experiment import experiment_config
 from lopt_dist.telemetry.memory import reset_peak
-from tools.bench.measure import EventLog, WorkerRecord, device_name, peak_memory, use_threads
+from tools.bench.measure import EventLog, WorkerRecord, device_name, peak_memory
 from tools.bench.models import ModelInfo
 
 
@@ -47,9 +47,8 @@ class DataParallelWorker(WorkerBase):
     def setup(self, master_addr: str, master_port: int, backend: str) -> None:
         import deepspeed
 
-        self.device = self.torch_device()
+        self.device = self.claim_device(self.cfg.threads_per_worker)
         self.log = EventLog(keep_step=self.cfg.total_steps - 1, device=self.device)
-        use_threads(self.device, self.cfg.threads_per_worker)
         self.init_torch_distributed(master_addr, master_port, backend)
         torch.manual_seed(self.cfg.seed)
         module = CausalLMWithLoss(load_causal_lm(self.model.path)).to(self.device)

@@ -78,7 +78,7 @@ def test_bad_row_is_an_error_or_skipped_and_counted(tmp_path, tokenizer):
 
 def test_forced_format_that_does_not_fit(tmp_path, tokenizer):
     path = _write_jsonl(tmp_path / "train.jsonl", ROWS)
-    with pytest.raises(DataError, match="row 0 does not fit format 'gsm8k'"):
+    with pytest.raises(DataError, match=r"train\.jsonl lacks column\(s\) question, answer that format 'gsm8k' needs"):
         build_examples(DataConfig(source=str(path), format="gsm8k"), tokenizer)
 
 

@@ -151,19 +151,28 @@ def _parquet(path: Path) -> Iterator[Record]:
 
 
 def _dataset(cfg: DataConfig, streaming: bool) -> Iterator[Record]:
-    """A hub dataset, or a local dataset directory that `datasets` can read."""
-    import datasets
-
+    """A hub dataset, or a local dataset directory that `datasets` can read; `streaming` reads only what is used."""
     source = cfg.source
     if not Path(source).expanduser().exists() and (reason := local_path_reason(source)):
         raise DataError(f"data.source: {missing_path_message(source, reason, 'file or directory')}")
     try:
-        loaded = datasets.load_dataset(source, cfg.hub_config, split=cfg.split, streaming=streaming)
+        loaded = _load_dataset(cfg, streaming)
+    except DataError:
+        if not streaming:
+            raise
+        loaded = _load_dataset(cfg, streaming=False)  # e.g. offline, with the dataset in the local cache only
+    return (Record(i, None, row) for i, row in enumerate(loaded))
+
+
+def _load_dataset(cfg: DataConfig, streaming: bool) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(cfg.source, cfg.hub_config, split=cfg.split, streaming=streaming)
     except Exception as err:  # datasets and the hub client raise many types; each means "cannot load it"
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise DataError(
-            f"data.source {source!r} (hub_config {cfg.hub_config!r}, split {cfg.split!r}): cannot load it as a "
+            f"data.source {cfg.source!r} (hub_config {cfg.hub_config!r}, split {cfg.split!r}): cannot load it as a "
             f"dataset ({type(err).__name__}: {first}). Give a .jsonl/.json/.parquet file, an existing hub dataset "
             "with its data.hub_config and data.split, or builtin:arithmetic"
         ) from err
-    return (Record(i, None, row) for i, row in enumerate(loaded))

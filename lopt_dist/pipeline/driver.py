@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 import torch
+from ray.exceptions import AuthenticationError
 
 from lopt_dist.config import ConfigError, ExperimentConfig
 from lopt_dist.pipeline.deepspeed_engine import deepspeed_config
@@ -51,7 +52,7 @@ def connect_ray(cfg: ExperimentConfig) -> None:
         wait_for_ray(address, key, cfg.runtime.start_timeout_s)
     try:
         ray.init(address=address, log_to_driver=True)
-    except (ConnectionError, ValueError) as err:
+    except (ConnectionError, ValueError, AuthenticationError) as err:
         raise ConfigError(f"{key}: cannot attach to the Ray cluster at {address}: {' '.join(str(err).split())}") from None
 
 

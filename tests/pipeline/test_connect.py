@@ -22,13 +22,22 @@ import ray
 from ray._private.services import canonicalize_bootstrap_address, resolve_ip_for_localhost
 
 from lopt_dist.cli import error_message
-from lopt_dist.config import load_config
+from lopt_dist.config import ConfigError, load_config
 from lopt_dist.data import build_examples
 from lopt_dist.model.loading import load_tokenizer
-from lopt_dist.pipeline.driver import connect_ray
+from lopt_dist.pipeline.driver import connect_ray, wait_for_ray
 from lopt_dist.pipeline.errors import WorkerFailedError
 from lopt_dist.pipeline.worker_group import wait_all
 from tests.launcher.test_job_submit import RAY, _free_ports
+
+
+@pytest.mark.parametrize(("address", "message"), [
+    ("http://10.0.0.1:8265", r"RAY_ADDRESS: http://10\.0\.0\.1:8265 is a dashboard \(job submission\) address"),
+    ("10.0.0.1", r"RAY_ADDRESS: '10\.0\.0\.1' is not a Ray address; give host:port"),
+])
+def test_addresses_that_are_not_ray_addresses_are_named(address, message):
+    with pytest.raises(ConfigError, match=message):
+        wait_for_ray(address, "RAY_ADDRESS", timeout_s=1)
 
 
 @pytest.fixture(scope="module")

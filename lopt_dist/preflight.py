@@ -102,7 +102,8 @@ def check_data(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, hf_con
         raise ConfigError(f"model.name: the tokenizer produces token id {built.max_token_id} but the model has only "
                           f"{vocab} embeddings; use the tokenizer that belongs to {cfg.model.name}")
     scope = f" (its first {built.rows} rows; the workers check the rest)" if from_hub else ""
-    logger.info("data %s%s: %s", source, scope, built.summary(cfg.data))
+    lost = built.skipped_too_long or built.skipped_bad  # rows the user gave that will not be trained on
+    logger.log(logging.WARNING if lost else logging.INFO, "data %s%s: %s", source, scope, built.summary(cfg.data))
 
 
 def check_output_dir(cfg: ExperimentConfig) -> None:

@@ -100,7 +100,7 @@ def test_data_columns_that_fit_pass_the_check(tiny_model_dir, tmp_path):
 
 def test_missing_model_is_refused_before_start(tmp_path):
     cfg = load_config(None, [f"model.name={tmp_path}/no-model"])
-    with pytest.raises(ConfigError, match=r"model\.name: cannot load a model config .*no-model looks like a local path"):
+    with pytest.raises(ConfigError, match=r"model\.name: cannot load a model config .*no-model looks like a local"):
         prepare(cfg)
 
 

@@ -53,7 +53,8 @@ def connect_ray(cfg: ExperimentConfig) -> None:
     try:
         ray.init(address=address, log_to_driver=True)
     except (ConnectionError, ValueError, AuthenticationError) as err:
-        raise ConfigError(f"{key}: cannot attach to the Ray cluster at {address}: {' '.join(str(err).split())}") from None
+        reason = " ".join(str(err).split())
+        raise ConfigError(f"{key}: cannot attach to the Ray cluster at {address}: {reason}") from None
 
 
 def wait_for_ray(address: str, key: str, timeout_s: float) -> None:

@@ -279,7 +279,37 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.steps=4")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item}: the value {raw!r} is not valid YAML ({_yaml_problem(err)}); close "
+                          "brackets and quotes, e.g. model.boundaries=[8, 16] or data.source='a: b.jsonl'") from None
+    return key.strip().split("."), value
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    return f"{problem}, {context}" if context else problem
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The file's top-level mapping; ConfigError naming the file, line and column of a syntax error."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path}: cannot read it ({err})") from None
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark, start = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        if mark and start and start.line != mark.line:  # e.g. a key without ':' is noticed a line later
+            where += f" (in what starts at line {start.line + 1})"
+        raise ConfigError(f"{where}: not valid YAML ({_yaml_problem(err)}); fix the syntax there (indentation, "
+                          "a missing ':' or an unclosed bracket or quote)") from None
+    _require(isinstance(loaded, dict), str(path), "the top level must be a mapping")
+    return loaded
 
 
 def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -310,9 +340,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        _require(isinstance(loaded, dict), str(path), "the top level must be a mapping")
-        tree = loaded
+        tree = _read_yaml(path)
     if overrides and "runtime" in tree and "groups" in tree["runtime"]:
         tree["runtime"]["groups"] = [dict(g) for g in tree["runtime"]["groups"]]
     for item in overrides:

@@ -18,7 +18,7 @@ from lopt_dist.checkpoint import Checkpoints, read_state
 from lopt_dist.config import ConfigError, ExperimentConfig
 from lopt_dist.model.export import export_model
 from lopt_dist.model.loading import load_model_config, load_tokenizer
-from lopt_dist.model.stages import resolve_boundaries
+from lopt_dist.preflight import prepare
 from lopt_dist.telemetry.memory import step_peak_bytes
 from lopt_dist.telemetry.metrics import MetricsLog, TensorBoardLog
 from lopt_dist.telemetry.progress import Progress
@@ -32,36 +32,6 @@ class RunResult:
     records: list[dict]
     checkpoint: Path | None
     model_dir: Path | None
-
-
-def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Checks that need the model's config or the file system, done before any worker starts.
-
-    Local paths become absolute, so that workers whose working directory differs still find them.
-    """
-    try:
-        hf_config = load_model_config(cfg.model.name)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model.name: cannot load a model config from {cfg.model.name!r}: {err}") from None
-    resolve_boundaries(cfg.model.boundaries, hf_config.num_hidden_layers)
-    # A directory the user named becomes absolute; an alias or hub id stays, so each node resolves it locally.
-    local = Path(cfg.model.name)
-    model = dataclasses.replace(cfg.model, name=str(local.resolve()) if local.is_dir() else cfg.model.name)
-    data = cfg.data
-    if not data.source.startswith("builtin:"):
-        source = Path(data.source)
-        if source.suffix in (".jsonl", ".json", ".parquet") and not source.is_file():
-            raise ConfigError(f"data.source: file {data.source} does not exist")
-        if source.exists():
-            data = dataclasses.replace(data, source=str(source.resolve()))
-        if source.is_file():
-            from lopt_dist.data.dataset import check_local_file
-
-            check_local_file(data)  # wrong columns fail here, not in a worker minutes later
-    groups = [dataclasses.replace(g, deepspeed_config=str(Path(g.deepspeed_config).resolve()))
-              for g in cfg.runtime.groups]
-    runtime = dataclasses.replace(cfg.runtime, groups=groups)
-    return dataclasses.replace(cfg, model=model, data=data, runtime=runtime)
 
 
 def train(cfg: ExperimentConfig) -> RunResult:

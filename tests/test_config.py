@@ -100,7 +100,7 @@ def test_data_columns_that_fit_pass_the_check(tiny_model_dir, tmp_path):
 
 def test_missing_model_is_refused_before_start(tmp_path):
     cfg = load_config(None, [f"model.name={tmp_path}/no-model"])
-    with pytest.raises(ConfigError, match=r"model\.name: cannot load a model config"):
+    with pytest.raises(ConfigError, match=r"model\.name: cannot load a model config .*no-model looks like a local"):
         prepare(cfg)
 
 
@@ -138,6 +138,33 @@ def test_zero_on_a_one_worker_group_is_flagged(tmp_path, caplog, zero_stage, war
 def test_deepspeed_json_that_contradicts_the_experiment_is_refused(tmp_path, contents, message):
     with pytest.raises(ConfigError, match=r"runtime\.groups\[0\]\.deepspeed_config: .*" + message):
         _ds_check(tmp_path, contents)
+
+
+def test_auto_values_that_the_experiment_fills_are_filled(tmp_path):
+    ds = _ds_check(tmp_path, {"train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+                              "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+                              "zero_optimization": {"stage": 2}}, "train.dtype=bfloat16")
+    assert (ds["train_batch_size"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (4, 1, 1.0)
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+
+
+@pytest.mark.parametrize(("contents", "overrides", "message"), [
+    ({"zero_optimization": {"stage": "auto"}}, [], r"sets zero_optimization\.stage: \"auto\", which lopt-dist does "
+                                                  r"not fill"),
+    ({"zero_optimization": {"reduce_bucket_size": "auto"}}, [], r"sets zero_optimization\.reduce_bucket_size: "
+                                                                r"\"auto\""),
+    ({"zero_optimization": {"stage": 4}}, [], r"sets zero_optimization\.stage: 4; give 0, 1, 2 or 3"),
+    ({"zero_optimization": True}, [], r"sets zero_optimization to true; it must be a JSON object"),
+    ({"bf16": {"enabled": True}}, [], r"sets bf16\.enabled: true but train\.dtype is float32; set "
+                                      r"train\.dtype=bfloat16"),
+    ({"bfloat16": {"enabled": True}}, [], r"sets bfloat16\.enabled: true but train\.dtype is float32"),
+    ({"bf16": {"enabled": False}}, ["train.dtype=bfloat16"], r"sets bf16\.enabled: false but train\.dtype is "
+                                                             r"bfloat16; set train\.dtype=float32"),
+    ({"amp": {"enabled": True}}, [], r"enables amp"),
+])
+def test_deepspeed_json_that_deepspeed_would_read_otherwise_is_refused(tmp_path, contents, overrides, message):
+    with pytest.raises(ConfigError, match=r"runtime\.groups\[0\]\.deepspeed_config: .*ds\.json " + message):
+        _ds_check(tmp_path, contents, *overrides)
 
 
 def test_missing_deepspeed_json_is_named(tmp_path):

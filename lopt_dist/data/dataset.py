@@ -1,40 +1,38 @@
-"""From `data.source` to tokenized SFT examples: loading rows, parsing their format, tokenizing them.
+"""From `data.source` to tokenized SFT examples: reading records, parsing their format, tokenizing them.
 
-Every worker builds the same examples from the same config, so all of this is deterministic; the order of
-training is decided later, by `MicroBatches`.
+The driver runs this over every row before any worker starts (a hub dataset: over its first rows) and shows
+the counts; each first-stage worker runs the same code again to build its examples. Everything is
+deterministic, so both see the same examples; the order of training is decided later, by `MicroBatches`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+import statistics
+from dataclasses import dataclass, field
 
-import datasets
 from transformers import PreTrainedTokenizerBase
 
 from lopt_dist.config import DataConfig
-from lopt_dist.data.arithmetic import generate_arithmetic_rows
-from lopt_dist.data.formats import DataError, check_columns, detect_format, parse_row
-from lopt_dist.data.tokenize import encode_example
+from lopt_dist.data.formats import DataError, check_columns, parse_row
+from lopt_dist.data.sources import read_records
+from lopt_dist.data.tokenize import cut_example, encode_pair
 
-logger = logging.getLogger(__name__)
-
-BUILTIN_PREFIX = "builtin:"
-_LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_SKIP_HINT = "Fix the row, or set data.skip_bad_rows: true to skip and count such rows"
 
 
 @dataclass(kw_only=True)
 class SFTExamples:
-    """Tokenized examples ({"input_ids", "labels"} lists), and what was left out on the way."""
+    """Tokenized examples ({"input_ids", "labels"} lists), and what was left out or cut on the way."""
 
     examples: list[dict[str, list[int]]]
     format: str  # the row format used (the detected one when data.format is "auto")
-    rows: int  # rows loaded, after max_samples
-    skipped_bad: int  # rows that did not fit the format (data.skip_bad_rows)
-    skipped_too_long: int  # rows whose prompt alone fills data.max_seq_length
+    rows: int  # records read, after max_samples (unreadable ones included)
+    skipped_bad: int = 0  # records that could not be read or did not fit the format (data.skip_bad_rows)
+    skipped_too_long: int = 0  # rows whose prompt alone fills data.max_seq_length: dropped
+    truncated: int = 0  # examples whose completion was cut to data.max_seq_length
+    lengths: list[int] = field(default_factory=list, repr=False)  # uncut tokens of each row that was encoded
+    shortest_dropped_prompt: int | None = None  # tokens in the shortest prompt that filled max_seq_length
+    max_token_id: int = -1
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -42,102 +40,80 @@ class SFTExamples:
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         return self.examples[index]
 
+    def summary(self, cfg: DataConfig) -> str:
+        """One line for the user: what was read, kept, cut, dropped and skipped, and how long rows are."""
+        parts = [f"{self.rows} rows read, format {self.format}: {len(self.examples)} examples"]
+        if self.truncated:
+            parts[0] += f", {self.truncated} of them cut to data.max_seq_length={cfg.max_seq_length}"
+        if self.skipped_too_long:
+            parts.append(f"{self.skipped_too_long} rows dropped because the prompt alone fills data.max_seq_length")
+        if self.skipped_bad:
+            parts.append(f"{self.skipped_bad} bad rows skipped (data.skip_bad_rows)")
+        if self.lengths:
+            parts.append(f"tokens per row before cutting: median {statistics.median_low(self.lengths)}, "
+                         f"max {max(self.lengths)}")
+        return "; ".join(parts)
 
-def load_rows(cfg: DataConfig) -> list[dict[str, Any]]:
-    """The raw rows named by `cfg.source`, cut to `cfg.max_samples`.
 
-    Local files hold a single split, so `cfg.split` and `cfg.hub_config` apply to hub datasets only.
+def build_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, limit: int | None = None) -> SFTExamples:
+    """Read, parse and tokenize `cfg.source` (only its first `limit` records when given).
+
+    A record that cannot be read or does not fit the format raises DataError naming the source, row and line,
+    unless `cfg.skip_bad_rows`; rows whose prompt leaves no room for the completion are always dropped, and
+    no usable row at all is an error that says which limit to change.
     """
-    source = cfg.source
-    if source.startswith(BUILTIN_PREFIX):
-        return _builtin_rows(source[len(BUILTIN_PREFIX):], cfg)
-    if Path(source).suffix.lower() in _LOCAL_LOADERS:
-        return _local_rows(Path(source).expanduser(), cfg.max_samples)
-    # A hub name, or a local dataset directory that `datasets` knows how to read.
-    return _take(datasets.load_dataset(source, cfg.hub_config, split=cfg.split), cfg.max_samples)
-
-
-def build_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> SFTExamples:
-    """Load, parse and tokenize `cfg.source`. A row that does not fit the format raises DataError naming it,
-    unless `cfg.skip_bad_rows`; rows whose prompt leaves no room for the completion are always dropped."""
-    rows = load_rows(cfg)
-    if not rows:
-        raise DataError(f"data.source {cfg.source!r} has no rows")
-    fmt = detect_format(list(rows[0])) if cfg.format == "auto" else cfg.format
-    examples, bad, too_long = [], 0, 0
-    for index, row in enumerate(rows):
-        try:
-            prompt, completion = parse_row(row, fmt, index)
-        except DataError:
-            if not cfg.skip_bad_rows:
-                raise
-            bad += 1
+    built = SFTExamples(examples=[], format=cfg.format, rows=0)
+    columns_checked = False
+    for record in read_records(cfg, limit):
+        built.rows += 1
+        if record.row is None:
+            _bad_row(cfg, built, f"{record.where()}: {record.problem}")
             continue
-        example = encode_example(tokenizer, prompt, completion, cfg.max_seq_length)
-        if example is None:
-            too_long += 1
-        else:
-            examples.append(example)
-    if not examples:
-        raise DataError(
-            f"no usable examples in {cfg.source!r}: {len(rows)} rows, {bad} did not fit format {fmt!r}, "
-            f"{too_long} had prompts filling data.max_seq_length={cfg.max_seq_length}"
-        )
-    logger.info("data %s: %d examples (format %s) from %d rows; skipped %d bad rows, %d with no room for the answer",
-                cfg.source, len(examples), fmt, len(rows), bad, too_long)
-    return SFTExamples(examples=examples, format=fmt, rows=len(rows), skipped_bad=bad, skipped_too_long=too_long)
-
-
-def check_local_file(cfg: DataConfig) -> None:
-    """Fail in a second, before any worker starts, when a local file's first row cannot fit `cfg.format`.
-
-    Reads only the first record (JSONL line or Parquet schema); a `.json` array or a hub dataset is checked
-    when the workers load it. With `skip_bad_rows` and a fixed format, a bad first row is only skipped later."""
-    if cfg.skip_bad_rows and cfg.format != "auto":
-        return
-    path = Path(cfg.source).expanduser()
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        columns = pq.read_schema(path).names
-    elif suffix == ".jsonl":
-        with path.open() as fh:
-            first = next((line for line in fh if line.strip()), None)
-        if first is None:
-            raise DataError(f"data.source {cfg.source!r} has no rows")
+        if not columns_checked:
+            # The first row's columns decide the format ("auto"), or show that the file is in another one.
+            if built.format == "auto" or not cfg.skip_bad_rows:
+                built.format = check_columns(list(record.row), built.format, f"data.source {cfg.source}")
+            columns_checked = True
         try:
-            row = json.loads(first)
-        except json.JSONDecodeError as err:
-            raise DataError(f"data.source {cfg.source!r}: the first line is not JSON ({err})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"data.source {cfg.source!r}: rows must be JSON objects, the first is {type(row).__name__}")
-        columns = list(row)
-    else:
+            prompt, completion = parse_row(record.row, built.format, record.index)
+        except DataError as err:
+            _bad_row(cfg, built, f"{f'line {record.line}: ' if record.line else ''}{err}")
+            continue
+        _add(built, *encode_pair(tokenizer, prompt, completion), cfg.max_seq_length)
+    if not built.examples:
+        raise DataError(_nothing_usable(cfg, built, limit))
+    return built
+
+
+def _bad_row(cfg: DataConfig, built: SFTExamples, what: str) -> None:
+    if not cfg.skip_bad_rows:
+        raise DataError(f"data.source {cfg.source} {what}. {_SKIP_HINT}")
+    built.skipped_bad += 1
+
+
+def _add(built: SFTExamples, prompt_ids: list[int], completion_ids: list[int], max_seq_length: int) -> None:
+    built.lengths.append(len(prompt_ids) + len(completion_ids))
+    example = cut_example(prompt_ids, completion_ids, max_seq_length)
+    if example is None:
+        built.skipped_too_long += 1
+        shortest = built.shortest_dropped_prompt
+        built.shortest_dropped_prompt = len(prompt_ids) if shortest is None else min(shortest, len(prompt_ids))
         return
-    check_columns(columns, cfg.format, f"data.source {cfg.source}")
+    built.truncated += len(prompt_ids) + len(completion_ids) > max_seq_length
+    built.max_token_id = max(built.max_token_id, *example["input_ids"])
+    built.examples.append(example)
 
 
-def _builtin_rows(name: str, cfg: DataConfig) -> list[dict[str, Any]]:
-    if name != "arithmetic":
-        raise DataError(f"data.source: unknown built-in dataset {BUILTIN_PREFIX}{name}; known: builtin:arithmetic")
-    # The generator is sequential, so generating fewer rows gives exactly the first rows of the full set.
-    count = cfg.builtin_samples if cfg.max_samples is None else min(cfg.builtin_samples, cfg.max_samples)
-    return generate_arithmetic_rows(count, cfg.seed)
-
-
-def _local_rows(path: Path, max_samples: int | None) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise DataError(
-            f"data.source: file {path} does not exist (give a .jsonl/.json/.parquet file, a hub dataset name, "
-            f"or builtin:arithmetic)"
-        )
-    loaded = datasets.load_dataset(_LOCAL_LOADERS[path.suffix.lower()], data_files=str(path), split="train")
-    return _take(loaded, max_samples)
-
-
-def _take(dataset: Any, max_samples: int | None) -> list[dict[str, Any]]:
-    # Cut before converting to Python objects: a large hub dataset would not fit as dicts.
-    if max_samples is not None and max_samples < len(dataset):
-        dataset = dataset.select(range(max_samples))
-    return dataset.to_list()
+def _nothing_usable(cfg: DataConfig, built: SFTExamples, limit: int | None) -> str:
+    if built.rows == 0:
+        return f"data.source {cfg.source} has no rows"
+    scope = f"the first {built.rows}" if limit is not None and built.rows == limit else f"all {built.rows}"
+    reasons = []
+    if built.skipped_too_long:
+        reasons.append(f"{built.skipped_too_long} have prompts that fill data.max_seq_length={cfg.max_seq_length} "
+                       f"(the shortest has {built.shortest_dropped_prompt} tokens): raise data.max_seq_length "
+                       f"above {built.shortest_dropped_prompt}")
+    if built.skipped_bad:
+        reasons.append(f"{built.skipped_bad} could not be read or did not fit format {built.format!r}: check the "
+                       "rows' columns and data.format")
+    return f"no usable examples in {scope} rows of data.source {cfg.source}; " + "; ".join(reasons)

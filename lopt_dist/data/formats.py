@@ -49,7 +49,10 @@ def _require_known(fmt: str) -> None:
 def check_columns(columns: list[str], fmt: str, where: str) -> str:
     """The format rows with these columns will be read as ("auto" resolved), or DataError naming what is missing."""
     if fmt == "auto":
-        return detect_format(columns)
+        try:
+            return detect_format(columns)
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
     _require_known(fmt)
     missing = [c for c in FORMAT_COLUMNS[fmt][0] if c not in columns]
     if missing:

@@ -23,10 +23,22 @@ def encode_example(
     Labels are IGNORE_INDEX on the prompt. Returns None when the cut leaves no completion token at all (the
     prompt alone fills `max_seq_length`): such an example would carry no loss, so callers count and drop it.
     """
+    return cut_example(*encode_pair(tokenizer, prompt_messages, completion), max_seq_length)
+
+
+def encode_pair(
+    tokenizer: PreTrainedTokenizerBase, prompt_messages: list[Message], completion: str
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids + eos), uncut, so that callers can tell how much a cut removes."""
     prompt_ids = encode_prompt(tokenizer, prompt_messages)
     completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         completion_ids.append(tokenizer.eos_token_id)
+    return prompt_ids, completion_ids
+
+
+def cut_example(prompt_ids: list[int], completion_ids: list[int], max_seq_length: int) -> dict[str, list[int]] | None:
+    """The example `encode_example` describes, from `encode_pair`'s output."""
     input_ids = (prompt_ids + completion_ids)[:max_seq_length]
     if len(input_ids) <= len(prompt_ids):
         return None

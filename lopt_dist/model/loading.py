@@ -30,6 +30,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lopt_dist.paths import local_path_reason, missing_path_message
+
 CACHE_ENV = "LOPT_DIST_CACHE"
 
 
@@ -58,12 +60,20 @@ def converted_dir(alias: str) -> Path:
 
 
 def resolve_model_path(name: str) -> str:
-    """Alias -> converted checkpoint directory (converting on first use); a local directory -> itself;
-    anything else is returned unchanged and left to transformers as a hub id."""
+    """Alias -> converted checkpoint directory (converting on first use); a local directory -> itself; a name
+    that looks like a local path (the rule in `lopt_dist.paths`) but is no directory -> FileNotFoundError naming
+    it; anything else is returned unchanged and left to transformers as a hub id."""
     if name in ALIASES:
         return str(ensure_converted(name))
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise FileNotFoundError(f"{name} is a file, not a model directory; give the directory that holds its "
+                                "config.json (a GGUF file must be converted first)")
+    reason = local_path_reason(name)
+    if reason is not None:
+        raise FileNotFoundError(missing_path_message(name, reason, "model directory"))
     return name
 
 

@@ -41,31 +41,11 @@ def read_deepspeed_json(path: str, key: str) -> dict[str, Any]:
 def deepspeed_config(cfg: ExperimentConfig, group: GroupConfig, key: str) -> dict[str, Any]:
     """The group's JSON, completed with the experiment's batch, clipping and dtype settings."""
     ds = read_deepspeed_json(group.deepspeed_config, key)
-    for name in _OWNED_BY_EXPERIMENT:
-        if name in ds:
-            raise ConfigError(
-                f"{key}: {group.deepspeed_config} sets '{name}'; lopt-dist builds the optimizer and schedule "
-                "from the experiment's train.* settings (lr, lr_first, weight_decay, warmup_steps, "
-                f"min_lr_ratio). Remove '{name}' from the JSON file"
-            )
-    accumulation = cfg.train.micro_batches_per_step // group.workers
-    wanted = {
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": cfg.train.samples_per_step,
-        "gradient_clipping": cfg.train.grad_clip,
-    }
-    for name, value in wanted.items():
-        if name in ds and ds[name] != "auto" and ds[name] != value:
-            raise ConfigError(
-                f"{key}: {group.deepspeed_config} sets {name}={ds[name]} but the experiment needs {value} "
-                f"(from train.* and the group's {group.workers} workers); remove it or set it to \"auto\""
-            )
-        ds[name] = value
-    bf16 = cfg.train.dtype == "bfloat16"
-    if ds.get("fp16", {}).get("enabled", False):
-        raise ConfigError(f"{key}: {group.deepspeed_config} enables fp16; use train.dtype=bfloat16 or float32")
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
+    check_deepspeed_json(ds, cfg, group, key)
+    ds.update(_experiment_values(cfg, group))
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.dtype == "bfloat16"}
+    if "fp16" in ds:
+        ds["fp16"] = {**ds["fp16"], "enabled": False}
     # Our optimizer is torch's AdamW, which DeepSpeed has not certified for every ZeRO stage.
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 10**9)
@@ -75,6 +55,90 @@ def deepspeed_config(cfg: ExperimentConfig, group: GroupConfig, key: str) -> dic
                        "(about 1.5x slower on CPU, docs/benchmarks.md); configs/deepspeed/zero0.json gives the "
                        "same updates", key, zero_stage)
     return ds
+
+
+def _experiment_values(cfg: ExperimentConfig, group: GroupConfig) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.micro_batches_per_step // group.workers,
+        "train_batch_size": cfg.train.samples_per_step,
+        "gradient_clipping": cfg.train.grad_clip,
+    }
+
+
+# Where "auto" may stand: the values lopt-dist fills from the experiment. DeepSpeed itself drops "auto" and
+# uses its default, which differs from what the HF Trainer would fill, so anywhere else it is refused.
+_FILLED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+           "gradient_clipping", "bf16.enabled", "fp16.enabled")
+
+
+def check_deepspeed_json(ds: dict[str, Any], cfg: ExperimentConfig, group: GroupConfig, key: str) -> None:
+    """Refuse a JSON that contradicts the experiment or that DeepSpeed would read differently than written,
+    naming the JSON key and the fix. Run on the driver before anything starts, and again by `deepspeed_config`."""
+    where = f"{key}: {group.deepspeed_config}"
+    for name in _OWNED_BY_EXPERIMENT:
+        if name in ds:
+            raise ConfigError(
+                f"{where} sets '{name}'; lopt-dist builds the optimizer and schedule from the experiment's train.* "
+                f"settings (lr, lr_first, weight_decay, warmup_steps, min_lr_ratio). Remove '{name}' from the JSON"
+            )
+    for name, value in _experiment_values(cfg, group).items():
+        if name in ds and ds[name] != "auto" and ds[name] != value:
+            raise ConfigError(
+                f"{where} sets {name}={ds[name]} but the experiment needs {value} (from train.* and the group's "
+                f"{group.workers} workers); remove it or set it to \"auto\""
+            )
+    for path in _auto_values(ds):
+        if path not in _FILLED:
+            raise ConfigError(
+                f"{where} sets {path}: \"auto\", which lopt-dist does not fill (it fills {', '.join(_FILLED)}) and "
+                "DeepSpeed would silently replace by its default; give the value or remove the key"
+            )
+    _check_precision(ds, cfg, where)
+    _check_zero(ds, where)
+
+
+def _auto_values(tree: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of every "auto" value in the JSON."""
+    if not isinstance(tree, dict):
+        return []
+    found = []
+    for name, value in tree.items():
+        path = f"{prefix}{name}"
+        found += [path] if value == "auto" else _auto_values(value, f"{path}.")
+    return found
+
+
+def _check_precision(ds: dict[str, Any], cfg: ExperimentConfig, where: str) -> None:
+    """train.dtype decides the precision; a JSON that asks for another one is refused, not overridden."""
+    dtype = cfg.train.dtype
+    for name in ("bf16", "bfloat16"):  # "bfloat16" is DeepSpeed's older spelling
+        enabled = _section(ds, name, where).get("enabled", "auto")
+        if enabled != "auto" and enabled != (dtype == "bfloat16"):
+            raise ConfigError(
+                f"{where} sets {name}.enabled: {str(enabled).lower()} but train.dtype is {dtype}; set "
+                f"train.dtype={'bfloat16' if enabled else 'float32'} in the experiment, or remove {name}.enabled "
+                "(or set it to \"auto\") so the experiment decides"
+            )
+    for name in ("fp16", "amp"):
+        if _section(ds, name, where).get("enabled", False) not in (False, "auto"):
+            raise ConfigError(f"{where} enables {name}; use train.dtype=bfloat16 or float32 and remove "
+                              f"{name}.enabled (lopt-dist trains in float32 or bfloat16 only)")
+
+
+def _check_zero(ds: dict[str, Any], where: str) -> None:
+    stage = _section(ds, "zero_optimization", where).get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where} sets zero_optimization.stage: {json.dumps(stage)}; give 0, 1, 2 or 3 (the "
+                          "shipped configs/deepspeed/zero{0,1,2,3}.json show each)")
+
+
+def _section(ds: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    value = ds.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} sets {name} to {json.dumps(value)}; it must be a JSON object, e.g. "
+                          f"\"{name}\": {{...}}")
+    return value
 
 
 def build_engine(stage: Stage, cfg: ExperimentConfig, stage_index: int, ds_config: dict[str, Any]):

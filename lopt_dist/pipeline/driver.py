@@ -7,8 +7,11 @@ worker that raises or dies fails the run at once, naming the worker and the step
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import socket
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ from typing import Any
 
 import ray
 import torch
+from ray.exceptions import AuthenticationError
 
 from lopt_dist.config import ConfigError, ExperimentConfig
 from lopt_dist.pipeline.deepspeed_engine import deepspeed_config
@@ -32,14 +36,60 @@ _STEPS_QUEUED_AHEAD = 2
 
 
 def connect_ray(cfg: ExperimentConfig) -> None:
-    """Attach to `runtime.ray_address` / RAY_ADDRESS when given, else start an embedded local instance."""
+    """Attach to `runtime.ray_address` / RAY_ADDRESS when given, else start an embedded local instance.
+
+    The embedded instance is always a new one (`address="local"`): without it, `ray.init` would join whatever
+    cluster was last started on this machine with `ray start`, possibly someone else's.
+    """
     if ray.is_initialized():
         return
-    address = cfg.runtime.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
+    key, address = ("runtime.ray_address", cfg.runtime.ray_address) if cfg.runtime.ray_address else (
+        "RAY_ADDRESS", os.environ.get("RAY_ADDRESS"))
+    if not address or address == "local":
+        ray.init(address="local", num_cpus=cfg.runtime.ray_num_cpus, include_dashboard=False)
+        return
+    if address != "auto":  # "auto" finds a cluster on this machine, or fails at once
+        wait_for_ray(address, key, cfg.runtime.start_timeout_s)
+    try:
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=cfg.runtime.ray_num_cpus, include_dashboard=False)
+    except (ConnectionError, ValueError, AuthenticationError) as err:
+        reason = " ".join(str(err).split())
+        raise ConfigError(f"{key}: cannot attach to the Ray cluster at {address}: {reason}") from None
+
+
+def wait_for_ray(address: str, key: str, timeout_s: float) -> None:
+    """Wait until something accepts connections at `address` (host:port, or ray://host:port), for at most
+    `timeout_s`; ConfigError naming `key` after that. Ray's own client would retry for ten minutes or more."""
+    host, port = _host_port(address, key)
+    deadline = time.monotonic() + timeout_s
+    for attempt in itertools.count():
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+                return
+        except OSError as err:
+            reason = err.strerror or str(err) or type(err).__name__
+            if time.monotonic() + 1.0 >= deadline:
+                raise ConfigError(
+                    f"{key}: nothing answers at {address} ({reason}) after {timeout_s:g} s "
+                    "(runtime.start_timeout_s); start the cluster (ray start --head) or fix the address, or leave "
+                    "runtime.ray_address and RAY_ADDRESS unset for an embedded local Ray"
+                ) from None
+            if attempt == 0:
+                logger.info("waiting for Ray at %s (%s), up to runtime.start_timeout_s=%g s", address, reason,
+                            timeout_s)
+            time.sleep(1.0)
+
+
+def _host_port(address: str, key: str) -> tuple[str, int]:
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"{key}: {address} is a dashboard (job submission) address; attaching needs the head's "
+                          "GCS address host:port (port 6379 by default), or submit with `ray job submit`")
+    rest = address.removeprefix("ray://")
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{key}: {address!r} is not a Ray address; give host:port (the head's GCS port, "
+                          "6379 by default), ray://host:port, auto, or local")
+    return host.strip("[]"), int(port)
 
 
 def use_gpus(cfg: ExperimentConfig) -> bool:

@@ -61,7 +61,7 @@ def bench_ms_per_message(
 ) -> dict[int, float]:
     """Median ms per message for each depth; starts a local Ray unless one is running."""
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     # NCCL cannot connect two processes on one GPU, so an NCCL run needs two.
     gpus = 1 if backend == "nccl" else 0
     peers = [_BenchPeer.options(num_gpus=gpus).remote() for _ in range(2)]

@@ -78,7 +78,7 @@ def test_bad_row_is_an_error_or_skipped_and_counted(tmp_path, tokenizer):
 
 def test_forced_format_that_does_not_fit(tmp_path, tokenizer):
     path = _write_jsonl(tmp_path / "train.jsonl", ROWS)
-    with pytest.raises(DataError, match="row 0 does not fit format 'gsm8k'"):
+    with pytest.raises(DataError, match=r"train\.jsonl lacks column\(s\) question, answer that format 'gsm8k' needs"):
         build_examples(DataConfig(source=str(path), format="gsm8k"), tokenizer)
 
 
@@ -114,3 +114,37 @@ def test_real_gsm8k_file(tokenizer):
     assert built.format == "gsm8k" and built.rows == 64 and len(built) == 64
     first = load_rows(cfg)[0]
     assert first["question"].startswith("Natalia sold clips") and first["answer"].endswith("#### 72")
+
+
+def test_jsonl_errors_name_file_and_line_and_skipping_counts_them(tmp_path, tokenizer):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n" + '{"instruction": "x",\n' + "[1, 2]\n" + json.dumps(ROWS[1]) + "\n")
+    with pytest.raises(DataError, match=r"train\.jsonl row 1 \(line 3\): not valid JSON \(.* at column \d+\)"):
+        build_examples(DataConfig(source=str(path)), tokenizer)
+    built = build_examples(DataConfig(source=str(path), skip_bad_rows=True), tokenizer)
+    assert (built.rows, len(built), built.skipped_bad) == (4, 2, 2)
+    with pytest.raises(DataError, match=r"row 1 \(line 3\): not valid JSON"):
+        load_rows(DataConfig(source=str(path)))
+
+
+def test_json_file_array_lines_and_syntax_error(tmp_path, tokenizer):
+    lines = tmp_path / "lines.json"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in ROWS))  # JSON Lines under a .json name
+    assert load_rows(DataConfig(source=str(lines))) == ROWS
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(ROWS, indent=1)[:-3])
+    with pytest.raises(DataError, match=r"broken\.json: not valid JSON \(.* at line \d+, column \d+\); a \.json file"):
+        load_rows(DataConfig(source=str(broken)))
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps([ROWS[0], "text", ROWS[1]]))
+    built = build_examples(DataConfig(source=str(mixed), skip_bad_rows=True), tokenizer)
+    assert (built.rows, len(built), built.skipped_bad) == (3, 2, 1)
+
+
+def test_lengths_are_counted_before_cutting(tmp_path, tokenizer):
+    rows = [*ROWS, {"instruction": "Echo.", "output": " ".join(str(i) for i in range(100))}]
+    built = build_examples(DataConfig(source=str(_write_jsonl(tmp_path / "t.jsonl", rows)), max_seq_length=96),
+                           tokenizer)
+    assert (len(built), built.truncated, built.skipped_too_long) == (4, 1, 0)
+    assert max(built.lengths) > 96 and all(len(e["input_ids"]) <= 96 for e in built.examples)
+    assert "4 examples, 1 of them cut to data.max_seq_length=96" in built.summary(DataConfig(max_seq_length=96))

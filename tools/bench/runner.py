@@ -60,7 +60,7 @@ def connect(cfg: BenchConfig, verbose: bool) -> Cluster:
             ray.init(address=address, log_to_driver=verbose)
         else:
             cpus = max(os.cpu_count() or 1, cfg.single_device_threads)
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbose)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=verbose)
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     if cfg.device == "cuda" and gpus == 0:

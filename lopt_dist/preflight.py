@@ -1,0 +1,143 @@
+"""Every check that can be made before Ray starts, in one pass: `prepare(cfg) -> cfg`.
+
+In order: the model (path, config, structure, boundaries), its tokenizer, each group's DeepSpeed JSON, the
+data (every row of a local file parsed, its columns checked and tokenized, with counts of rows cut, dropped
+and skipped shown in one line; the first rows of a hub dataset) and last the output directory, created and
+written to. Each failure is one ConfigError / DataError / ModelStructureError naming the key, file or row and
+the fix; `lopt-train` prints it as one line and exits with 2. The README's "Checks before start" table
+lists them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+
+from lopt_dist.config import ConfigError, ExperimentConfig
+from lopt_dist.data import build_examples
+from lopt_dist.data.sources import BUILTIN_PREFIX, is_local_file
+from lopt_dist.model.loading import load_model_config, load_tokenizer
+from lopt_dist.model.parts import ModelStructureError, find_parts
+from lopt_dist.model.stages import resolve_boundaries
+from lopt_dist.pipeline.deepspeed_engine import check_deepspeed_json, read_deepspeed_json
+
+logger = logging.getLogger(__name__)
+
+# Rows of a hub dataset read before start (streamed); the workers read and check the rest.
+HUB_ROWS_CHECKED = 100
+
+
+def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` with local paths made absolute (workers may run elsewhere), after every pre-start check passed."""
+    cfg = _absolute_paths(cfg)
+    hf_config = check_model(cfg)
+    tokenizer = check_tokenizer(cfg)
+    if cfg.runtime.mode == "ray":
+        check_deepspeed(cfg)
+    check_data(cfg, tokenizer, hf_config)
+    check_output_dir(cfg)  # last: it creates the directory, which a failed check should not leave behind
+    return cfg
+
+
+def check_model(cfg: ExperimentConfig) -> PretrainedConfig:
+    """The model's config; its layout and the boundaries checked against it, without loading any weight."""
+    try:
+        hf_config = load_model_config(cfg.model.name)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name: cannot load a model config from {cfg.model.name!r}: {_one_line(err)}") from None
+    check_model_structure(cfg, hf_config)
+    resolve_boundaries(cfg.model.boundaries, hf_config.num_hidden_layers)
+    return hf_config
+
+
+def check_model_structure(cfg: ExperimentConfig, hf_config: PretrainedConfig) -> None:
+    """Build the model on the meta device (no weights, no memory) and find the parts a split needs."""
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config)
+    except ValueError as err:  # transformers has no causal-LM class for this config
+        raise ModelStructureError(
+            f"model.name {cfg.model.name}: a {hf_config.model_type!r} model cannot be loaded as a causal LM "
+            f"({_one_line(err)}); LoPT post-trains decoder-only causal LMs"
+        ) from None
+    try:
+        find_parts(model)
+    except ModelStructureError as err:
+        raise ModelStructureError(f"model.name {cfg.model.name}: {err}") from None
+
+
+def check_tokenizer(cfg: ExperimentConfig) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = load_tokenizer(cfg.model.name)
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"model.name: cannot load a tokenizer from {cfg.model.name!r} ({_one_line(err)}); the "
+                          "model directory needs its tokenizer files") from None
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(f"model.name: the tokenizer of {cfg.model.name} has neither a pad nor an eos token, so "
+                          "batches cannot be padded; give the tokenizer an eos token")
+    return tokenizer
+
+
+def check_deepspeed(cfg: ExperimentConfig) -> None:
+    for i, group in enumerate(cfg.runtime.groups):
+        key = f"runtime.groups[{i}].deepspeed_config"
+        check_deepspeed_json(read_deepspeed_json(group.deepspeed_config, key), cfg, group, key)
+
+
+def check_data(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, hf_config: PretrainedConfig) -> None:
+    """Parse and tokenize every row of a local file (the first rows of a hub dataset) the way the workers will,
+    and show what will be trained on in one line."""
+    source = cfg.data.source
+    if is_local_file(source) and not Path(source).expanduser().is_file():
+        raise ConfigError(f"data.source: file {source} does not exist")
+    from_hub = not source.startswith(BUILTIN_PREFIX) and not is_local_file(source)
+    built = build_examples(cfg.data, tokenizer, limit=HUB_ROWS_CHECKED if from_hub else None)
+    vocab = getattr(hf_config, "vocab_size", None)
+    if vocab is not None and built.max_token_id >= vocab:
+        raise ConfigError(f"model.name: the tokenizer produces token id {built.max_token_id} but the model has only "
+                          f"{vocab} embeddings; use the tokenizer that belongs to {cfg.model.name}")
+    scope = f" (its first {built.rows} rows; the workers check the rest)" if from_hub else ""
+    lost = built.skipped_too_long or built.skipped_bad  # rows the user gave that will not be trained on
+    logger.log(logging.WARNING if lost else logging.INFO, "data %s%s: %s", source, scope, built.summary(cfg.data))
+
+
+def check_output_dir(cfg: ExperimentConfig) -> None:
+    """Create `output_dir` and write a file in it, naming what is in the way when that fails."""
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except FileExistsError:
+        raise ConfigError(f"output_dir: {out} is a file; give a directory (it is created if missing)") from None
+    except NotADirectoryError:
+        blocker = next((p for p in reversed(out.parents) if p.exists() and not p.is_dir()), out)
+        raise ConfigError(f"output_dir: cannot create {out}: {blocker} is a file, not a directory; choose "
+                          "another output_dir") from None
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise ConfigError(f"output_dir: cannot write in {out} ({reason}); choose a directory you can write, on "
+                          "storage every node sees") from None
+
+
+def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    # A directory the user named becomes absolute; an alias or hub id stays, so each node resolves it locally.
+    local = Path(cfg.model.name).expanduser()
+    model = dataclasses.replace(cfg.model, name=str(local.resolve()) if local.is_dir() else cfg.model.name)
+    data = cfg.data
+    source = Path(data.source).expanduser()
+    if not data.source.startswith(BUILTIN_PREFIX) and source.exists():
+        data = dataclasses.replace(data, source=str(source.resolve()))
+    groups = [dataclasses.replace(g, deepspeed_config=str(Path(g.deepspeed_config).resolve()))
+              for g in cfg.runtime.groups]
+    runtime = dataclasses.replace(cfg.runtime, groups=groups)
+    return dataclasses.replace(cfg, model=model, data=data, runtime=runtime)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())

@@ -18,6 +18,7 @@ from lopt_dist.checkpoint import Checkpoints, read_state
 from lopt_dist.config import ConfigError, ExperimentConfig
 from lopt_dist.model.export import export_model
 from lopt_dist.model.loading import load_model_config, load_tokenizer
+from lopt_dist.model.selfcheck import check_family
 from lopt_dist.model.stages import resolve_boundaries
 from lopt_dist.telemetry.memory import step_peak_bytes
 from lopt_dist.telemetry.metrics import MetricsLog, TensorBoardLog
@@ -43,7 +44,9 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
         hf_config = load_model_config(cfg.model.name)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name: cannot load a model config from {cfg.model.name!r}: {err}") from None
-    resolve_boundaries(cfg.model.boundaries, hf_config.num_hidden_layers)
+    boundaries = resolve_boundaries(cfg.model.boundaries, hf_config.num_hidden_layers)
+    if cfg.train.method == "lopt":  # refuse a model whose split cannot be proven exact, from its config alone
+        check_family(hf_config, boundaries, cfg.model.attn_implementation)
     # A directory the user named becomes absolute; an alias or hub id stays, so each node resolves it locally.
     local = Path(cfg.model.name)
     model = dataclasses.replace(cfg.model, name=str(local.resolve()) if local.is_dir() else cfg.model.name)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import logging as hf_logging
 
@@ -350,11 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m lopt_dist.model.selfcheck MODEL`: check a model family before a run, from its config alone."""
     parser = argparse.ArgumentParser(prog="python -m lopt_dist.model.selfcheck", description=main.__doc__)
     parser.add_argument("model", help="alias, checkpoint directory or hub id (as model.name)")
+    parser.add_argument("--default-config", action="store_true",
+                        help="MODEL is a transformers model_type: check that family's default config")
     parser.add_argument("--boundaries", type=int, nargs="+", help="as model.boundaries (default: the midpoint)")
     parser.add_argument("--attn", default="sdpa", help="as model.attn_implementation (default: sdpa)")
     parser.add_argument("--cache-dir", type=Path, help="where verdicts are kept (default: lopt-dist's cache)")
     args = parser.parse_args(argv)
-    config = load_model_config(args.model)
+    config = AutoConfig.for_model(args.model) if args.default_config else load_model_config(args.model)
     boundaries = resolve_boundaries(args.boundaries, config.num_hidden_layers)
     start = time.perf_counter()
     try:

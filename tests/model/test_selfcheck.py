@@ -13,7 +13,7 @@ from lopt_dist.cli import train_main
 from lopt_dist.config import load_config
 from lopt_dist.model import ModelStructureError
 from lopt_dist.model.loading import load_model_config
-from lopt_dist.model.selfcheck import FamilyCheckError, check_family, small_config
+from lopt_dist.model.selfcheck import FamilyCheckError, check_family, main, small_config
 from lopt_dist.model.tiny import tiny_config
 from lopt_dist.run import prepare
 from tests.model.test_stages import FAMILIES
@@ -146,3 +146,12 @@ def test_small_llama4_keeps_rope_and_chunking_per_layer():
         assert (kind == "chunked_attention") == bool(rope)  # Llama-4: the no-rope layers are the global ones
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(small)  # a consistent config
+
+
+def test_the_check_runs_by_hand_before_a_run(tmp_path, capsys):
+    assert main(["--default-config", "granite", "--cache-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("checked in ")
+    assert main(["--default-config", "granite", "--cache-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("cached in ")
+    assert main(["--default-config", "gpt2", "--cache-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().out.startswith("refused: GPT2LMHeadModel lacks transformer.embed_tokens")

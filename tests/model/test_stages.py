@@ -15,11 +15,13 @@ from lopt_dist.model.tiny import tiny_config
 
 # Families whose own glue the stages must redo: multipliers (granite*), logit scale (cohere*), per-type rope and
 # local/global layers (gemma3_text), chunked attention and no-rope layers (llama4_text), linear attention
-# (qwen3_next), MoE routers (mixtral, qwen3_moe, olmoe, granitemoe, llama4_text, qwen3_next).
+# (qwen3_next), MoE routers (mixtral, qwen3_moe, olmoe, granitemoe, llama4_text, qwen3_next). Their export round
+# trip (exported model = unsplit model) is part of the self-check, tested on every family in test_selfcheck.py.
 GLUE_FAMILIES = ["granite", "granitemoe", "cohere", "cohere2", "gemma3_text", "llama4_text", "qwen3_next",
                  "mixtral", "qwen3_moe", "olmoe"]
 FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "phi3", "olmo2", *GLUE_FAMILIES]
-MOE = ["mixtral", "qwen3_moe", "olmoe", "granitemoe", "qwen3_next"]  # families whose *ForCausalLM adds a router loss
+# Families whose *ForCausalLM adds a router loss (Qwen3-Next's is checked by the self-check's router comparison).
+MOE = ["mixtral", "qwen3_moe", "olmoe", "granitemoe"]
 VOCAB = 96
 
 
@@ -134,25 +136,6 @@ def test_export_round_trip_gives_the_trained_logits(tmp_path, smol_tokenizer):
     assert loaded.config.tie_word_embeddings is False
     assert not any("decoder" in name for name in loaded.state_dict())
     assert (out / "tokenizer_config.json").is_file()
-    with torch.no_grad():
-        got = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("family", GLUE_FAMILIES)
-def test_export_of_every_family_gives_the_trained_logits(tmp_path, family):
-    model = _model(family)
-    stages = split_model(model, None, 10.0, 0)
-    with torch.no_grad():
-        for stage in stages:
-            for p in stage.parameters():
-                p.add_(torch.randn_like(p) * 0.01)
-        batch = _padded_batch()
-        want = run_stages(stages, batch)
-    out = export_model([s.hf_state_dict() for s in stages], model.config, None, tmp_path / "model")
-    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(loaded) is type(model)
     with torch.no_grad():
         got = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     real = batch["attention_mask"].bool()

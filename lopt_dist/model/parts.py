@@ -78,7 +78,7 @@ def find_parts(model: PreTrainedModel) -> DecoderParts:
         raise ModelStructureError(
             f"{cls} lacks {', '.join(missing)}. LoPT splits decoder-only LMs laid out as "
             f"`{prefix}.embed_tokens`, `{prefix}.layers` (a list of decoder layers), `{prefix}.norm` and an LM "
-            "head (Llama, Qwen, Mistral, Gemma, Granite, Cohere, ...: see the README's model families); use such a model"
+            "head (Llama, Qwen, Mistral, Gemma, Granite, Cohere, ...: the README's model families); use such a model"
         )
     if not isinstance(found["layers"], nn.ModuleList) or len(found["layers"]) < 2:
         raise ModelStructureError(

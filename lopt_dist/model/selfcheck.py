@@ -89,8 +89,8 @@ def check_family(config: PretrainedConfig, boundaries: list[int], attn_implement
         verdict.cached = True
     if not verdict.ok:
         raise FamilyCheckError(verdict.message)
-    logger.info("model family self-check (%s, %.2f s): %s", "cached" if verdict.cached else "ran",
-                verdict.seconds, verdict.message)
+    logger.info("model family self-check: %s (%s)", verdict.message,
+                "cached verdict" if verdict.cached else f"{verdict.seconds:.2f} s")
     return verdict
 
 
@@ -103,6 +103,7 @@ def _run_check(config: PretrainedConfig, boundaries: list[int], attn: str) -> Ve
     try:
         model, cuts = _small_model(config, boundaries, attn)
         family = f"{type(model).__name__} (model_type {config.model_type!r})"
+        where = f"stages at layers {cuts} of {model.config.num_hidden_layers}"
         problems = _compare(model, cuts, attn)
     except ModelStructureError as err:  # the layout or the glue is refused, with its own message
         return Verdict(False, family, str(err), time.perf_counter() - start)
@@ -114,10 +115,10 @@ def _run_check(config: PretrainedConfig, boundaries: list[int], attn: str) -> Ve
     seconds = time.perf_counter() - start
     if problems:
         message = (f"{family}: the LoPT split does not reproduce this family on a small random instance of its "
-                   f"config (fp32, padded batch, stages at layers {cuts}): {'; '.join(problems)}, so lopt-dist "
+                   f"config (fp32, padded batch, {where}): {'; '.join(problems)}, so lopt-dist "
                    f"would train a different function from the one it exports. {_WHAT_TO_DO}")
         return Verdict(False, family, message, seconds)
-    return Verdict(True, family, f"{family}: split and export reproduce the model (stages at layers {cuts})",
+    return Verdict(True, family, f"{family}: split and export reproduce the model on a small instance ({where})",
                    seconds)
 
 

@@ -67,7 +67,7 @@ def test_smollm2_config_passes(tmp_path):
 
 def test_a_family_whose_glue_the_split_ignores_is_refused(tmp_path):
     expected = (r"^ScaledLlamaForCausalLM \(model_type 'lopt-test-scaled-llama'\): the LoPT split does not reproduce "
-                r"this family .* stages at layers \[2\]\): the composed stages' logits differ from the unsplit "
+                r"this family .* stages at layers \[2\] of 4\): the composed stages' logits differ from the unsplit "
                 r"model's by up to \d+\.\d+ \(tolerance 1e-05\).* train\.method=e2e\), and please report it$")
     with pytest.raises(FamilyCheckError, match=expected):
         check_family(_scaled_config(), [2], cache_root=tmp_path)

@@ -23,6 +23,7 @@ from lopt_dist.data import build_examples
 from lopt_dist.data.sources import BUILTIN_PREFIX, is_local_file
 from lopt_dist.model.loading import load_model_config, load_tokenizer
 from lopt_dist.model.parts import ModelStructureError, find_parts
+from lopt_dist.model.selfcheck import check_family
 from lopt_dist.model.stages import resolve_boundaries
 from lopt_dist.pipeline.deepspeed_engine import check_deepspeed_json, read_deepspeed_json
 
@@ -51,7 +52,9 @@ def check_model(cfg: ExperimentConfig) -> PretrainedConfig:
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name: cannot load a model config from {cfg.model.name!r}: {_one_line(err)}") from None
     check_model_structure(cfg, hf_config)
-    resolve_boundaries(cfg.model.boundaries, hf_config.num_hidden_layers)
+    boundaries = resolve_boundaries(cfg.model.boundaries, hf_config.num_hidden_layers)
+    if cfg.train.method == "lopt":  # refuse a family whose split cannot be proven exact, from its config alone
+        check_family(hf_config, boundaries, cfg.model.attn_implementation)
     return hf_config
 
 

@@ -1,9 +1,9 @@
 """Find the pieces of a Hugging Face decoder-only LM that a LoPT split needs.
 
 Most causal-LM families (Llama, Qwen2/3, Mistral, Gemma, Phi-3, OLMo-2, ...) share one layout:
-`<ForCausalLM>.model.{embed_tokens, layers, norm, rotary_emb}` and `<ForCausalLM>.lm_head`. We locate the
+`<ForCausalLM>.<base>.{embed_tokens, layers, norm, rotary_emb}` and `<ForCausalLM>.lm_head`. We locate the
 pieces by that layout and remember their qualified names, so that export can write a checkpoint with the
-family's own parameter names.
+family's own parameter names; what the family's forward does around them is its glue (glue.py).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from lopt_dist.model.errors import ModelStructureError
+from lopt_dist.model.glue import FamilyGlue, read_glue
 
-class ModelStructureError(ValueError):
-    """The model does not have the layout a LoPT split needs."""
+__all__ = ["DecoderParts", "ModelStructureError", "find_base", "find_parts"]
 
 
 @dataclass
@@ -31,22 +32,39 @@ class DecoderParts:
     layers_name: str
     norm_name: str
     head_name: str
+    glue: FamilyGlue
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
 
-def find_parts(model: PreTrainedModel) -> DecoderParts:
-    """Locate embedding, decoder layers, final norm, rotary embedding and LM head, or say what is missing."""
+def find_base(model: PreTrainedModel) -> tuple[str, nn.Module]:
+    """(attribute name, module) of the base model inside a *ForCausalLM.
+
+    `base_model_prefix` names it for most families; where the class inherits a prefix that is not its own
+    (Llama-4's text *ForCausalLM says `language_model` but keeps its base at `.model`), the base is the one
+    child that is itself a pretrained model.
+    """
     cls = type(model).__name__
     prefix = getattr(model, "base_model_prefix", "model")
     base = getattr(model, prefix, None)
-    if base is None or base is model:
-        raise ModelStructureError(
-            f"{cls} has no inner base model at `.{prefix}`; LoPT needs a *ForCausalLM model "
-            "(load it with AutoModelForCausalLM), not a bare base model"
-        )
+    if isinstance(base, nn.Module) and base is not model:
+        return prefix, base
+    children = [(name, child) for name, child in model.named_children() if isinstance(child, PreTrainedModel)]
+    if len(children) == 1:
+        return children[0]
+    raise ModelStructureError(
+        f"{cls} has no inner base model (nothing at `.{prefix}`, its base_model_prefix, and "
+        f"{len(children)} pretrained-model children); LoPT needs a *ForCausalLM model (load it with "
+        "AutoModelForCausalLM), not a bare base model"
+    )
+
+
+def find_parts(model: PreTrainedModel) -> DecoderParts:
+    """Locate embedding, decoder layers, final norm, rotary embedding and LM head, or say what is missing."""
+    cls = type(model).__name__
+    prefix, base = find_base(model)
     found = {
         "embed_tokens": getattr(base, "embed_tokens", None),
         "layers": getattr(base, "layers", None),
@@ -60,7 +78,7 @@ def find_parts(model: PreTrainedModel) -> DecoderParts:
         raise ModelStructureError(
             f"{cls} lacks {', '.join(missing)}. LoPT splits decoder-only LMs laid out as "
             f"`{prefix}.embed_tokens`, `{prefix}.layers` (a list of decoder layers), `{prefix}.norm` and an LM "
-            "head (Llama, Qwen2/3, Mistral, Gemma, Phi-3, OLMo-2 ...); use such a model"
+            "head (Llama, Qwen, Mistral, Gemma, Granite, Cohere, ...: the README's model families); use such a model"
         )
     if not isinstance(found["layers"], nn.ModuleList) or len(found["layers"]) < 2:
         raise ModelStructureError(
@@ -78,14 +96,5 @@ def find_parts(model: PreTrainedModel) -> DecoderParts:
         layers_name=f"{prefix}.layers",
         norm_name=f"{prefix}.norm",
         head_name=head_name,
+        glue=read_glue(model, base),
     )
-
-
-def layer_attention_types(config: PretrainedConfig) -> list[str]:
-    """Each layer's attention kind, as the family's own forward decides it."""
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return list(layer_types)
-    # Families without `layer_types` (Mistral, Phi-3) use sliding attention everywhere when a window is set.
-    kind = "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
-    return [kind] * config.num_hidden_layers

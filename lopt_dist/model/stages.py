@@ -9,21 +9,16 @@ never reach an earlier stage.
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from lopt_dist.config import ConfigError
 from lopt_dist.model.decoder import ReconstructionDecoder, reconstruction_loss
-from lopt_dist.model.parts import DecoderParts, find_parts, layer_attention_types
-
-# transformers 5.24 renamed the mask helpers' `past_key_values` argument to `cache`; pass whichever it takes.
-_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+from lopt_dist.model.parts import DecoderParts, find_parts
 
 BOUNDARY_KEYS = ("hidden_states", "attention_mask", "position_ids", "labels")
 IGNORE_INDEX = -100
@@ -34,6 +29,9 @@ class StageOutput:
     loss: torch.Tensor  # what this stage backpropagates: lambda_aux * reconstruction, or the task loss
     metric: torch.Tensor  # detached, for logging: unweighted reconstruction MSE, or task cross-entropy
     boundary: dict[str, torch.Tensor] | None  # detached input of the next stage (None for the last)
+    # MoE families: this stage's routers' load-balancing loss, unweighted and detached (None without routers).
+    # `loss` already holds router_aux_loss_coef times it.
+    router_aux: torch.Tensor | None = None
 
 
 def resolve_boundaries(boundaries: list[int] | None, num_layers: int) -> list[int]:
@@ -75,7 +73,8 @@ class Stage(nn.Module):
         self.names = (parts.embed_name, parts.layers_name, parts.norm_name, parts.head_name)
         start, end = layer_range
         self.layers = nn.ModuleList(parts.layers[start:end])
-        self.layer_types = layer_attention_types(parts.config)[start:end]
+        self.glue = parts.glue
+        self.layer_types = list(parts.glue.layer_kinds[start:end])
         # Rotary embeddings hold only buffers; each stage keeps its own copy to rebuild cos/sin locally
         # instead of sending them across the boundary.
         self.rotary = copy.deepcopy(parts.rotary) if parts.rotary is not None else None
@@ -86,17 +85,20 @@ class Stage(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StageOutput:
         if self.is_first:
-            hidden = self.embed(batch["input_ids"])
+            hidden = self.glue.embed(self.embed, batch["input_ids"])
             mask2d = batch["attention_mask"]
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
         else:
             hidden, mask2d, position_ids = batch["hidden_states"], batch["attention_mask"], batch["position_ids"]
         stage_input = hidden.detach()
-        hidden = self.run_layers(hidden, mask2d, position_ids)
+        hidden, router_aux = self._run_layers_and_routers(hidden, mask2d, position_ids)
+        # MoE: each stage balances its own routers, with the family's loss and coefficient, in its own objective.
+        balance = self.glue.router_loss.coef * router_aux if router_aux is not None else 0.0
+        aux = router_aux.detach() if router_aux is not None else None
         if self.is_last:
             logits = self.logits(hidden)
             task = causal_lm_loss(logits, batch["labels"])
-            return StageOutput(loss=task, metric=task.detach(), boundary=None)
+            return StageOutput(loss=task + balance, metric=task.detach(), boundary=None, router_aux=aux)
         recon = reconstruction_loss(self.decoder(hidden), stage_input, mask2d)
         boundary = {
             "hidden_states": hidden.detach(),
@@ -104,43 +106,33 @@ class Stage(nn.Module):
             "position_ids": position_ids,
             "labels": batch["labels"],
         }
-        return StageOutput(loss=self.lambda_aux * recon, metric=recon.detach(), boundary=boundary)
+        return StageOutput(loss=self.lambda_aux * recon + balance, metric=recon.detach(), boundary=boundary,
+                           router_aux=aux)
+
+    def _run_layers_and_routers(self, hidden, mask2d, position_ids) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layers, and for MoE families the family's load-balancing loss over this stage's routers only."""
+        router = self.glue.router_loss
+        if router is None:
+            return self.run_layers(hidden, mask2d, position_ids), None
+        with router.capture(self.layers) as router_logits:
+            hidden = self.run_layers(hidden, mask2d, position_ids)
+        return hidden, router(router_logits, mask2d) if router_logits else None
 
     def run_layers(self, hidden: torch.Tensor, mask2d: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        masks = self._masks(hidden, mask2d, position_ids)
-        position_embeddings = self.rotary(hidden, position_ids) if self.rotary is not None else None
+        masks = self.glue.masks(self.config, hidden, mask2d, position_ids, self.layer_types)
+        position_embeddings = self.glue.position_embeddings(self.rotary, hidden, position_ids, self.layer_types)
         for layer, kind in zip(self.layers, self.layer_types):
             out = layer(
                 hidden,
                 attention_mask=masks[kind],
                 position_ids=position_ids,
-                position_embeddings=position_embeddings,
+                position_embeddings=position_embeddings[kind],
             )
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.norm(hidden))
-        softcap = getattr(self.config, "final_logit_softcapping", None)
-        if softcap is not None:  # Gemma-2 style families
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
-
-    def _masks(self, hidden, mask2d, position_ids) -> dict[str, torch.Tensor | None]:
-        # The family's own mask helpers, so its attention kernel, padding and sliding rules all apply.
-        kwargs = dict(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=mask2d,
-            position_ids=position_ids,
-            **{_CACHE_ARG: None},
-        )
-        masks = {}
-        if "full_attention" in self.layer_types:
-            masks["full_attention"] = create_causal_mask(**kwargs)
-        if "sliding_attention" in self.layer_types:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
-        return masks
+        return self.glue.logits(self.head, self.norm(hidden))
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """This stage's weights under the full model's parameter names (decoder left out)."""

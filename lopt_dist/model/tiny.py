@@ -16,8 +16,27 @@ _FAMILY_EXTRA = {
     "qwen3": {"head_dim": 16},
     "mistral": {"sliding_window": 8},
     "gemma": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "sliding_window": 4},  # soft-capped logits and attention; local/global layers
     "phi3": {},
     "olmo2": {},
+    # Granite-3's own multipliers, so a split that ignores them cannot pass.
+    "granite": {"embedding_multiplier": 12.0, "logits_scaling": 8.0, "residual_multiplier": 0.22,
+                "attention_multiplier": 0.0078125},
+    "cohere": {"logit_scale": 0.0625},
+    "cohere2": {"logit_scale": 0.0625, "sliding_window": 4},  # sliding, sliding, sliding, full
+    # Local (sliding, its own rope base) and global layers in every stage; a window shorter than the sequences.
+    "gemma3_text": {"head_dim": 16, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"] * 2},
+    # Chunked attention in chunks shorter than the sequences; layer 3 is global without rope; MoE in every layer.
+    "llama4_text": {"head_dim": 16, "intermediate_size_mlp": 128, "num_local_experts": 4, "attention_chunk_size": 4},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "granitemoe": {"embedding_multiplier": 12.0, "logits_scaling": 8.0, "residual_multiplier": 0.22,
+                   "attention_multiplier": 0.0078125, "num_local_experts": 4, "num_experts_per_tok": 2},
+    # Linear-attention (gated delta net) layers beside full attention, and MoE.
+    "qwen3_next": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                   "shared_expert_intermediate_size": 64, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                   "linear_key_head_dim": 16, "linear_value_head_dim": 16},
 }
 
 

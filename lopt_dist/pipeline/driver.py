@@ -217,6 +217,9 @@ def summarize_step(report: StepReport, cfg: ExperimentConfig, wall_s: float) -> 
     for stage in range(last + 1):
         loss = sum(w.loss_sum for w in report.workers if w.stage == stage) / per_step
         record["task_loss" if stage == last else f"recon_loss_{stage}"] = loss
+        router = [w.router_aux_sum for w in report.workers if w.stage == stage]
+        if any(r is not None for r in router):  # MoE families
+            record[f"router_aux_loss_{stage}"] = sum(r for r in router if r is not None) / per_step
     record["tokens"] = sum(w.tokens for w in report.workers if w.stage == 0)
     record["tokens_per_s"] = record["tokens"] / max(wall_s, 1e-9)
     for w in report.workers:

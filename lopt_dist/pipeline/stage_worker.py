@@ -34,6 +34,7 @@ class WorkerStepStats:
     step: int
     micro_batches: int = 0
     loss_sum: float = 0.0  # stage metric summed over this worker's micro-batches
+    router_aux_sum: float | None = None  # MoE: this stage's router load-balancing loss, summed likewise
     tokens: int = 0
     busy_s: float = 0.0  # forward, backward and optimizer step
     recv_wait_s: float = 0.0  # blocked waiting for the previous stage (this worker's bubble)
@@ -147,6 +148,8 @@ class StageWorker(WorkerBase):
             stats.busy_s += time.perf_counter() - t0
             stats.micro_batches += 1
             stats.loss_sum += float(out.metric)
+            if out.router_aux is not None:
+                stats.router_aux_sum = (stats.router_aux_sum or 0.0) + float(out.router_aux)
             stats.tokens += int(batch["attention_mask"].sum())
         if self.sender is not None:
             delta = self.sender.stats.since(sent0)

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from lopt_dist.config import ExperimentConfig
 from lopt_dist.model import Stage, causal_lm_loss, split_model
+from lopt_dist.model.glue import router_aux_loss_coef
 from lopt_dist.telemetry.memory import memory_snapshot, reset_peak
 from lopt_dist.train.optim import build_optimizer, build_scheduler, stage_lr
 
@@ -32,11 +33,14 @@ class StepResult:
     tokens: int = 0
     seconds: float = 0.0
     lrs: list[float] = field(default_factory=list)
+    # MoE families: each stage's router load-balancing loss (unweighted), by stage index; e2e: stage 0.
+    router_aux_losses: dict[int, float] = field(default_factory=dict)
 
     def as_record(self) -> dict:
         record = {"step": self.step, "task_loss": self.task_loss, "tokens": self.tokens,
                   "step_seconds": self.seconds, "tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
         record.update({f"recon_loss_{i}": v for i, v in enumerate(self.recon_losses)})
+        record.update({f"router_aux_loss_{i}": v for i, v in sorted(self.router_aux_losses.items())})
         record.update({f"lr_{i}": v for i, v in enumerate(self.lrs)})
         return record
 
@@ -73,6 +77,7 @@ class LocalTrainer:
             self.trainables = [_Trainable(s, stage_lr(i, n, cfg.train), cfg) for i, s in enumerate(self.stages)]
         else:
             self.model = model.to(device).train()
+            self.router_coef = router_aux_loss_coef(model)
             self.trainables = [_Trainable(self.model, cfg.train.lr, cfg)]
 
     def _autocast(self):
@@ -84,42 +89,52 @@ class LocalTrainer:
         reset_peak(self.device)
         start = time.perf_counter()
         per_step = self.cfg.train.micro_batches_per_step
-        task, recon, tokens = 0.0, None, 0
+        task, recon, router, tokens = 0.0, None, {}, 0
         for j in range(per_step):
             batch = {k: v.to(self.device) for k, v in self.batches.get(self.step * per_step + j).items()}
             tokens += int(batch["attention_mask"].sum())
             with self._autocast():
-                micro_task, micro_recon = (self._lopt_micro if self.is_lopt else self._e2e_micro)(batch)
+                micro_task, micro_recon, micro_router = (self._lopt_micro if self.is_lopt else self._e2e_micro)(batch)
             task += micro_task / per_step
             if micro_recon is not None:
                 recon = [r / per_step + (recon[i] if recon else 0.0) for i, r in enumerate(micro_recon)]
+            for i, value in micro_router.items():
+                router[i] = router.get(i, 0.0) + value / per_step
         lrs = [t.scheduler.get_last_lr()[0] for t in self.trainables]
         for trainable in self.trainables:
             trainable.step()
-        result = StepResult(self.step, task, recon or [], tokens, time.perf_counter() - start, lrs)
+        result = StepResult(self.step, task, recon or [], tokens, time.perf_counter() - start, lrs, router)
         self.step += 1
         return result
 
-    def _lopt_micro(self, batch: dict[str, torch.Tensor]) -> tuple[float, list[float]]:
+    def _lopt_micro(self, batch: dict[str, torch.Tensor]) -> tuple[float, list[float], dict[int, float]]:
         # Each stage's graph is built, used and dropped before the next stage runs.
         per_step = self.cfg.train.micro_batches_per_step
-        recon = []
+        recon, router = [], {}
         inputs = batch
         for stage in self.stages:
             out = stage(inputs)
             (out.loss / per_step).backward()
+            if out.router_aux is not None:
+                router[stage.index] = float(out.router_aux)
             if stage.is_last:
-                return float(out.metric), recon
+                return float(out.metric), recon, router
             recon.append(float(out.metric))
             inputs = out.boundary
             del out
         raise AssertionError("unreachable: the last stage returns")
 
-    def _e2e_micro(self, batch: dict[str, torch.Tensor]) -> tuple[float, None]:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = causal_lm_loss(logits, batch["labels"])
+    def _e2e_micro(self, batch: dict[str, torch.Tensor]) -> tuple[float, None, dict[int, float]]:
+        # MoE families: the family's own forward computes its router loss over all layers, as stages do per stage.
+        moe = {"output_router_logits": True} if self.router_coef is not None else {}
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **moe)
+        task = causal_lm_loss(out.logits, batch["labels"])
+        loss, router = task, {}
+        if getattr(out, "aux_loss", None) is not None:
+            loss = task + self.router_coef * out.aux_loss
+            router[0] = float(out.aux_loss.detach())
         (loss / self.cfg.train.micro_batches_per_step).backward()
-        return float(loss.detach()), None
+        return float(task.detach()), None, router
 
     def save_state(self, directory: Path) -> None:
         """Weights, optimizer and schedule of every stage, and the step, into a staged checkpoint directory."""

@@ -1,6 +1,8 @@
-"""Cutting real model families into LoPT stages: exact logits, isolated gradients, export round trip."""
+"""Cutting real model families into LoPT stages: exact logits, isolated gradients, export round trip, router loss."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -11,7 +13,15 @@ from lopt_dist.config import ConfigError
 from lopt_dist.model import ModelStructureError, export_model, run_stages, split_model
 from lopt_dist.model.tiny import tiny_config
 
-FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "gemma", "phi3", "olmo2"]
+# Families whose own glue the stages must redo: multipliers (granite*), logit scale (cohere*), per-type rope and
+# local/global layers (gemma3_text), chunked attention and no-rope layers (llama4_text), linear attention
+# (qwen3_next), MoE routers (mixtral, qwen3_moe, olmoe, granitemoe, llama4_text, qwen3_next). Their export round
+# trip (exported model = unsplit model) is part of the self-check, tested on every family in test_selfcheck.py.
+GLUE_FAMILIES = ["granite", "granitemoe", "cohere", "cohere2", "gemma3_text", "llama4_text", "qwen3_next",
+                 "mixtral", "qwen3_moe", "olmoe"]
+FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "phi3", "olmo2", *GLUE_FAMILIES]
+# Families whose *ForCausalLM adds a router loss (Qwen3-Next's is checked by the self-check's router comparison).
+MOE = ["mixtral", "qwen3_moe", "olmoe", "granitemoe"]
 VOCAB = 96
 
 
@@ -132,6 +142,56 @@ def test_export_round_trip_gives_the_trained_logits(tmp_path, smol_tokenizer):
     torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
 
 
+def test_llama4_text_base_model_is_found_where_it_is_not_its_prefix():
+    model = _model("llama4_text")
+    assert model.base_model_prefix == "language_model" and not hasattr(model, "language_model")
+    first, last = split_model(model, None, 10.0, 0)
+    assert set(first.hf_state_dict()) | set(last.hf_state_dict()) == set(model.state_dict())
+    assert first.layer_types == ["chunked_attention"] * 2 and last.layer_types[-1] == "full_attention"
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_each_stage_adds_its_own_routers_load_balancing_loss(family):
+    model = _model(family)
+    batch = _padded_batch()
+    mask = batch["attention_mask"]
+    full = model(input_ids=batch["input_ids"], attention_mask=mask, output_router_logits=True)
+    loss_func = sys.modules[type(model).__module__].load_balancing_loss_func
+    first, last = split_model(model, None, lambda_aux=10.0, seed=0)
+    out0 = first(batch)
+    out1 = last(out0.boundary)
+    routers0 = len(full.router_logits) // 2  # one router per layer in these tiny configs: 2 in each stage
+    want0 = loss_func(full.router_logits[:routers0], model.num_experts, model.num_experts_per_tok, mask)
+    want1 = loss_func(full.router_logits[routers0:], model.num_experts, model.num_experts_per_tok, mask)
+    torch.testing.assert_close(out0.router_aux, want0.detach())
+    torch.testing.assert_close(out1.router_aux, want1.detach())
+    coef = model.router_aux_loss_coef
+    assert coef > 0 and float(out0.router_aux) > 0
+    torch.testing.assert_close(out0.loss, 10.0 * out0.metric + coef * want0)
+    torch.testing.assert_close(out1.loss, out1.metric + coef * want1)
+
+
+def _first_stage_router_grads(coef: float) -> list[torch.Tensor]:
+    model = _model("mixtral")
+    model.router_aux_loss_coef = coef
+    first, _ = split_model(model, None, 10.0, 0)
+    first(_padded_batch()).loss.backward()
+    return [m.weight.grad for m in first.layers.modules() if type(m).__name__ == "MixtralTopKRouter"]
+
+
+def test_router_loss_reaches_the_first_stage_routers():
+    with_router_loss, without = _first_stage_router_grads(0.5), _first_stage_router_grads(0.0)
+    assert len(with_router_loss) == 2
+    for got, recon_only in zip(with_router_loss, without):
+        assert got is not None and not torch.allclose(got, recon_only)
+
+
+def test_families_without_routers_report_no_router_loss():
+    first, last = split_model(_model("llama"), None, 10.0, 0)
+    out0 = first(_padded_batch())
+    assert out0.router_aux is None and last(out0.boundary).router_aux is None
+
+
 def test_export_refuses_incomplete_stage_weights(tmp_path):
     model = _model("llama")
     first, _ = split_model(model, None, 10.0, 0)
@@ -144,6 +204,13 @@ def test_model_without_decoder_layers_gets_a_clear_error():
     expected = r"GPT2LMHeadModel lacks transformer\.embed_tokens, transformer\.layers, transformer\.norm.*such a model"
     with pytest.raises(ModelStructureError, match=expected):
         split_model(gpt2, None, 10.0, 0)
+
+
+def test_layers_that_need_several_mask_helpers_are_refused():
+    model = _model("llama")
+    model.config.layer_types = ["full_attention", "hybrid"] * 2  # attention and a recurrent state in one layer
+    with pytest.raises(ModelStructureError, match=r"LlamaForCausalLM has layers of type 'hybrid'.*train\.method=e2e"):
+        split_model(model, None, 10.0, 0)
 
 
 @pytest.mark.parametrize("boundaries", [[0], [4], [2, 9]])

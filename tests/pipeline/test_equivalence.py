@@ -46,7 +46,7 @@ def _config(model_dir, out, mode, workers=(1, 1), zero=2, boundaries=None, extra
 
 def _assert_same_run(reference, result):
     for ref, got in zip(reference.records, result.records, strict=True):
-        for key in [k for k in ref if k == "task_loss" or k.startswith("recon_loss_")]:
+        for key in [k for k in ref if k == "task_loss" or k.startswith(("recon_loss_", "router_aux_loss_"))]:
             assert got[key] == pytest.approx(ref[key], rel=RTOL), (ref["step"], key)
     want = load_file(reference.model_dir / "model.safetensors")
     have = load_file(result.model_dir / "model.safetensors")
@@ -69,15 +69,19 @@ def reference(tiny_model_dir, tmp_path_factory):
             out = tmp_path_factory.mktemp("local")
             cfg = _config(tiny_model_dir("llama"), out, "local", boundaries=boundaries,
                           extra=[f"train.micro_batches_per_step={per_step}"])
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                runs[boundaries, per_step] = train(cfg)
-            finally:
-                torch.set_num_threads(threads)
+            runs[boundaries, per_step] = _train_on_one_thread(cfg)
         return runs[boundaries, per_step]
 
     return get
+
+
+def _train_on_one_thread(cfg):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(cfg)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(("workers", "zero"), [((1, 1), 2), ((2, 2), 2), ((1, 2), 0), ((2, 1), 1), ((1, 1), 3)])
@@ -93,3 +97,14 @@ def test_two_stage_pipeline_matches_single_process(tiny_model_dir, reference, tm
 def test_four_stages_of_one_worker_match_single_process(tiny_model_dir, reference, tmp_path):
     cfg = _config(tiny_model_dir("llama"), tmp_path, "ray", workers=(1, 1, 1, 1), boundaries="[1,2,3]")
     _assert_same_run(reference("[1,2,3]"), train(cfg))
+
+
+def test_moe_router_loss_pipeline_matches_single_process(tiny_model_dir, tmp_path):
+    """Mixtral: each stage adds its own routers' load-balancing loss, identically on both runtimes."""
+    model_dir, steps = tiny_model_dir("mixtral"), ["train.steps=2"]
+    reference = _train_on_one_thread(_config(model_dir, tmp_path / "local", "local", extra=steps))
+    result = train(_config(model_dir, tmp_path / "ray", "ray", workers=(1, 1), zero=0, extra=steps))
+    for records in (reference.records, result.records):
+        assert len(records) == 2
+        assert all(r["router_aux_loss_0"] > 0 and r["router_aux_loss_1"] > 0 for r in records)
+    _assert_same_run(reference, result)

@@ -32,11 +32,11 @@ class RepeatedBatch:
         return self.batch
 
 
-def _trainer(method: str, *overrides: str) -> LocalTrainer:
+def _trainer(method: str, *overrides: str, family: str = "llama") -> LocalTrainer:
     cfg = load_config(None, [f"train.method={method}", "train.steps=12", "train.lr=3e-3", "train.lr_first=3e-3",
                              "train.micro_batches_per_step=2", *overrides])
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB, tie_word_embeddings=True))
+    model = AutoModelForCausalLM.from_config(tiny_config(family, VOCAB, tie_word_embeddings=True))
     return LocalTrainer(cfg, model, RepeatedBatch(), torch.device("cpu"))
 
 
@@ -51,6 +51,24 @@ def test_losses_go_down_on_a_repeated_batch(method):
     else:
         assert results[0].recon_losses == []
     assert all(r.tokens == int(RepeatedBatch().batch["attention_mask"].sum()) * 2 for r in results)
+
+
+@pytest.mark.parametrize("method", ["lopt", "e2e"])
+def test_moe_router_loss_is_trained_and_logged(method):
+    trainer = _trainer(method, family="mixtral")
+    model = trainer.model if method == "e2e" else None
+    batch = RepeatedBatch().batch
+    if model is not None:  # e2e: the family's own router loss over all layers, on the step's batch
+        with torch.no_grad():
+            want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         output_router_logits=True).aux_loss
+    result = trainer.train_step()
+    record = result.as_record()
+    stages = [0] if method == "e2e" else [0, 1]
+    assert sorted(result.router_aux_losses) == stages
+    assert all(record[f"router_aux_loss_{i}"] > 0 for i in stages)
+    if model is not None:
+        assert result.router_aux_losses[0] == pytest.approx(float(want), rel=1e-5)
 
 
 def test_lopt_trains_k4_stages_with_their_own_learning_rates():

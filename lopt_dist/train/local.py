@@ -84,42 +84,46 @@ class LocalTrainer:
         reset_peak(self.device)
         start = time.perf_counter()
         per_step = self.cfg.train.micro_batches_per_step
-        task, recon, tokens = 0.0, None, 0
+        # Losses and tokens are summed on the device and read once per step: a float() per micro-batch would
+        # make the host wait for the GPU twice per micro-batch. float64 sums give what Python floats gave.
+        losses = torch.zeros(len(self.trainables) if self.is_lopt else 1, dtype=torch.float64, device=self.device)
+        tokens = torch.zeros((), dtype=torch.int64, device=self.device)
         for j in range(per_step):
             batch = {k: v.to(self.device) for k, v in self.batches.get(self.step * per_step + j).items()}
-            tokens += int(batch["attention_mask"].sum())
+            tokens += batch["attention_mask"].sum()
             with self._autocast():
-                micro_task, micro_recon = (self._lopt_micro if self.is_lopt else self._e2e_micro)(batch)
-            task += micro_task / per_step
-            if micro_recon is not None:
-                recon = [r / per_step + (recon[i] if recon else 0.0) for i, r in enumerate(micro_recon)]
+                metrics = (self._lopt_micro if self.is_lopt else self._e2e_micro)(batch)
+            losses += torch.stack(metrics).double() / per_step
         lrs = [t.scheduler.get_last_lr()[0] for t in self.trainables]
         for trainable in self.trainables:
             trainable.step()
-        result = StepResult(self.step, task, recon or [], tokens, time.perf_counter() - start, lrs)
+        *values, total_tokens = torch.cat([losses, tokens.double().reshape(1)]).tolist()
+        task, recon = values[-1], values[:-1]  # stage order: reconstructions first, the task loss last
+        result = StepResult(self.step, task, recon, int(total_tokens), time.perf_counter() - start, lrs)
         self.step += 1
         return result
 
-    def _lopt_micro(self, batch: dict[str, torch.Tensor]) -> tuple[float, list[float]]:
+    def _lopt_micro(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Each stage's metric (reconstruction losses, then the task loss), detached, on the device."""
         # Each stage's graph is built, used and dropped before the next stage runs.
         per_step = self.cfg.train.micro_batches_per_step
-        recon = []
+        metrics = []
         inputs = batch
         for stage in self.stages:
             out = stage(inputs)
             (out.loss / per_step).backward()
+            metrics.append(out.metric.detach().float())
             if stage.is_last:
-                return float(out.metric), recon
-            recon.append(float(out.metric))
+                return metrics
             inputs = out.boundary
             del out
         raise AssertionError("unreachable: the last stage returns")
 
-    def _e2e_micro(self, batch: dict[str, torch.Tensor]) -> tuple[float, None]:
+    def _e2e_micro(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = causal_lm_loss(logits, batch["labels"])
         (loss / self.cfg.train.micro_batches_per_step).backward()
-        return float(loss.detach()), None
+        return [loss.detach().float()]
 
     def save_state(self, directory: Path) -> None:
         """Weights, optimizer and schedule of every stage, and the step, into a staged checkpoint directory."""

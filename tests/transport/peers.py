@@ -12,10 +12,13 @@ import torch.distributed as dist
 from lopt_dist.transport import (
     ActivationReceiver,
     ActivationSender,
+    BoundaryGroup,
+    BoundaryLayout,
     ChannelStats,
     create_boundary_group,
     destroy_boundary_group,
     find_free_port,
+    warm_up,
 )
 
 KEYS = ("hidden_states", "attention_mask", "position_ids", "labels")
@@ -46,7 +49,7 @@ def join_all(peers: list, name: str) -> None:
 class BoundaryPeer:
     def __init__(self) -> None:
         torch.set_num_threads(1)  # two cores serve all the peers
-        self._groups: dict[str, dist.ProcessGroup] = {}
+        self._groups: dict[str, BoundaryGroup] = {}
         self._unflushed: ActivationSender | None = None
 
     def init_default_group(self, port: int) -> None:
@@ -63,11 +66,15 @@ class BoundaryPeer:
             "initialized": True,
             "world_size": dist.get_world_size(),
             "all_reduce": total.item(),
-            "boundary_groups_registered": sum(g in groups for g in self._groups.values()),
+            "boundary_groups_registered": sum(g.pg in groups for g in self._groups.values()),
         }
 
-    def join(self, host: str, port: int, rank: int, world_size: int, name: str) -> None:
-        self._groups[name] = create_boundary_group(host, port, rank, world_size, "gloo", TIMEOUT, name=name)
+    def join(self, host: str, port: int, rank: int, world_size: int, name: str, backend: str = "gloo") -> None:
+        self._groups[name] = create_boundary_group(host, port, rank, world_size, backend, TIMEOUT, name=name,
+                                                   device=torch.device("cpu"), bind_host=host)
+
+    def warm_up(self, name: str, senders: int, receivers: int) -> list[int]:
+        return warm_up(self._groups[name], BoundaryLayout(senders=senders, receivers=receivers), torch.device("cpu"))
 
     def leave(self, name: str) -> None:
         destroy_boundary_group(self._groups.pop(name))

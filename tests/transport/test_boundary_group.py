@@ -1,4 +1,6 @@
-"""The boundary group lives beside a worker's default group, or without one, and never becomes it."""
+"""The boundary group lives beside a worker's default group, or without one, and never becomes it; its members
+check each other before any backend starts; its store listens on the address it was given; the warm-up
+greets exactly the peers that routing pairs."""
 
 import datetime
 
@@ -6,7 +8,9 @@ import pytest
 import ray
 import torch
 
-from lopt_dist.transport import create_boundary_group, find_free_port, pick_backend
+from lopt_dist.transport import ChannelError, create_boundary_group, find_free_port
+from lopt_dist.transport.boundary_group import members_problem
+from tests.listening import listening_addresses
 
 from peers import BoundaryPeer, join_all
 
@@ -53,6 +57,34 @@ def test_bad_arguments_fail_before_any_rendezvous():
         create_boundary_group("127.0.0.1", 1, 0, 2, "mpi", datetime.timedelta(seconds=1))
     with pytest.raises(ValueError, match="rank 2"):
         create_boundary_group("127.0.0.1", 1, 2, 2, "gloo", datetime.timedelta(seconds=1))
-    with pytest.raises(ValueError, match="transport"):
-        pick_backend("tcp")
-    assert pick_backend("auto") == ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def test_members_that_disagree_fail_naming_the_transports(pair):
+    port = find_free_port()
+    joins = [pair[0].join.remote("127.0.0.1", port, 0, 2, "split", "gloo"),
+             pair[1].join.remote("127.0.0.1", port, 1, 2, "split", "nccl")]
+    for join in joins:
+        with pytest.raises(ray.exceptions.RayTaskError, match="different transports .*rank 0: gloo; rank 1: nccl"):
+            ray.get(join, timeout=60)
+
+
+def test_members_check_rules():
+    gpu = [{"backend": "nccl", "device": "cuda:GPU-a"}, {"backend": "nccl", "device": "cuda:GPU-b"}]
+    assert members_problem(gpu) is None
+    assert members_problem([{"backend": "gloo", "device": "cuda:GPU-a"}] * 2) is None  # staged through host memory
+    assert "ranks [0, 1] share one GPU" in members_problem([gpu[0], gpu[0]])
+    assert "ranks [1] are not on a GPU" in members_problem([gpu[0], {"backend": "nccl", "device": "cpu"}])
+
+
+def test_store_listens_on_the_given_address_only_and_warm_up_greets_routed_peers(ray_local):
+    # 2 senders -> 1 receiver: both senders greet the receiver (rank 2), which greets them in order.
+    peers = [BoundaryPeer.remote() for _ in range(3)]
+    try:
+        port = find_free_port()
+        ray.get([p.join.remote("127.0.0.1", port, rank, 3, "warm") for rank, p in enumerate(peers)], timeout=60)
+        assert listening_addresses(port) == {"127.0.0.1"}  # not 0.0.0.0: nothing outside the address given
+        greeted = ray.get([p.warm_up.remote("warm", 2, 1) for p in peers], timeout=60)
+        assert greeted == [[2], [2], [0, 1]]
+    finally:
+        for peer in peers:
+            ray.kill(peer)

@@ -151,6 +151,9 @@ class RuntimeConfig:
         _require(len(self.groups) >= 1, "runtime.groups", "give one group per stage")
         _require(0 < self.gpus_per_worker <= 1, "runtime.gpus_per_worker",
                  f"must be in (0, 1] (a fraction shares a GPU between workers), got {self.gpus_per_worker}")
+        _require(self.transport != "nccl" or self.gpus_per_worker == 1, "runtime.transport",
+                 "'nccl' cannot connect workers that share a GPU (gpus_per_worker < 1); use 'auto', which moves "
+                 "activations between such workers through pinned host memory")
         _require(self.start_timeout_s > 0, "runtime.start_timeout_s", "must be > 0")
         _require(self.boundary_timeout_s > 0, "runtime.boundary_timeout_s", "must be > 0")
         _require(self.collective_timeout_s > 0, "runtime.collective_timeout_s", "must be > 0")

@@ -38,11 +38,12 @@ def make_payload(micro_batch: int, dtype: torch.dtype = torch.float32) -> dict[s
     }
 
 
-def join_all(peers: list, name: str) -> None:
-    """Build one boundary group over `peers` (their list index is their boundary rank)."""
+def join_all(peers: list, name: str) -> int:
+    """Build one boundary group over `peers` (their list index is their boundary rank); returns its port."""
     port = find_free_port()
     calls = [p.join.remote("127.0.0.1", port, rank, len(peers), name) for rank, p in enumerate(peers)]
     ray.get(calls, timeout=60)
+    return port
 
 
 @ray.remote(num_cpus=0)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from lopt_dist.device import cluster_uses_gpus
 from lopt_dist.pipeline.errors import WorkerFailedError, WorkerGroupError
 from lopt_dist.pipeline.futures import wait_all
 from lopt_dist.pipeline.group import WorkerGroup
@@ -66,7 +67,7 @@ def connect(cfg: BenchConfig, verbose: bool) -> Cluster:
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     if cfg.device == "cuda" and gpus == 0:
         raise BenchConfigError("--device: 'cuda' was asked but the Ray cluster has no GPU; use auto or cpu")
-    gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+    gpu = cluster_uses_gpus(cfg.device, gpus)
     return Cluster(gpu=gpu, gpus=gpus, cpus=cpus, started_here=started)
 
 

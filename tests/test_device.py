@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lopt_dist.config import ConfigError
+from lopt_dist.config import ConfigError, load_config
 from lopt_dist.device import (
     DeviceView,
     Slot,
@@ -78,7 +78,5 @@ def test_boundary_transport_comes_from_the_members_devices():
     (["runtime.collective_timeout_s=0"], r"runtime\.collective_timeout_s: must be > 0"),
 ])
 def test_device_settings_are_checked_when_loaded(overrides, message):
-    from lopt_dist.config import load_config
-
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)

@@ -50,6 +50,17 @@ class BoundaryGroup:
     def moves_cuda(self) -> bool:
         return self.backend == "nccl"
 
+    # Point-to-point calls go to the group object itself, not through torch.distributed's functions: those look
+    # the group up in torch's registry, which this group is deliberately not in (torch < 2.7 refuses it there).
+
+    def isend(self, tensor: torch.Tensor, dst: int) -> dist.Work:
+        """Post `tensor` for boundary rank `dst`; the backend is the one registered for the tensor's device."""
+        return self.pg.send([tensor], dst, 0)
+
+    def irecv(self, tensor: torch.Tensor, src: int) -> dist.Work:
+        """Post a receive into `tensor` from boundary rank `src`."""
+        return self.pg.recv([tensor], src, 0)
+
 
 def create_boundary_group(
     store_host: str,
@@ -163,4 +174,7 @@ def _nccl_backend(
 
 def destroy_boundary_group(group: BoundaryGroup) -> None:
     """Release the group's connections (NCCL communicators in particular). Flush senders first."""
-    group.pg.shutdown()
+    if hasattr(group.pg, "shutdown"):  # torch >= 2.7
+        group.pg.shutdown()
+    elif group.moves_cuda:  # torch 2.6: shut NCCL down itself; gloo's connections close with the group
+        group.pg._get_backend(torch.device("cuda")).shutdown()

@@ -99,10 +99,9 @@ class ActivationSender:
             self._wait_oldest()
         header = encode_header(micro_batch, device_type, tensors)
         wire = to_wire(tensors, self._group.moves_cuda)
-        pg = self._group.pg
-        works = [dist.isend(header, group=pg, group_dst=dst)]
+        works = [self._group.isend(header, dst)]
         # gloo may not accept zero-byte messages; the receiver knows the empty shape from the header.
-        works += [dist.isend(t, group=pg, group_dst=dst) for t in wire if t.numel() > 0]
+        works += [self._group.isend(t, dst) for t in wire if t.numel() > 0]
         self._in_flight.append(_InFlight(works, [header, *wire]))
         self.peak_outstanding = max(self.peak_outstanding, len(self._in_flight))
         self.stats.messages += 1
@@ -139,12 +138,11 @@ class ActivationReceiver:
         Raises ChannelError when the message that arrives is not the one expected (a routing bug)."""
         start = time.perf_counter()
         header_buf = torch.empty(header_length(len(self._keys)), dtype=torch.int64)
-        pg = self._group.pg
-        dist.irecv(header_buf, group=pg, group_src=src).wait()
+        self._group.irecv(header_buf, src).wait()
         header = decode_header(header_buf, len(self._keys))
         self._check(header, src, micro_batch)
         buffers = receive_buffers(header.tensors, self._device, self._group.moves_cuda)
-        works = [dist.irecv(t, group=pg, group_src=src) for t in buffers if t.numel() > 0]
+        works = [self._group.irecv(t, src) for t in buffers if t.numel() > 0]
         for work in works:
             work.wait()
         tensors = from_wire(buffers, self._device)

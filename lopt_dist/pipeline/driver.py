@@ -91,8 +91,6 @@ def launch_pipeline(cfg: ExperimentConfig, worker_cls: type, extra_init_args: tu
             group.shutdown()
         placement.release()
         raise
-    if not placement.columns_kept and len(groups) > 1:
-        logger.warning("boundary peers were not kept on one node each; see the README's placement policy")
     return Launched(groups, placement, gpu, group_backends, boundary_backends)
 
 

@@ -158,7 +158,8 @@ def reserve(requests: Sequence[GroupRequest], timeout_s: float, *, wait_for_gpus
         raise WorkerGroupStartError(f"{asked}, but {problem}. {_describe_cluster()}. {_FIX_HINT}")
     if len(requests) > 1 and not kept:
         logger.warning("boundary peers may land on different nodes: a column of peers (%s) fits on no node, so "
-                       "each worker is placed on its own", _format_resources(_column_need(requests)))
+                       "each worker is placed on its own (README, 'GPUs': placement)",
+                       _format_resources(_column_need(requests)))
     if waiting:
         logger.warning("waiting up to %g s for %g GPUs; the cluster has %g now (an autoscaling cluster adds GPU "
                        "nodes on demand)", timeout_s, gpus_needed, total.get("GPU", 0.0))

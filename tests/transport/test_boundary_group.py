@@ -5,9 +5,8 @@ import datetime
 
 import pytest
 import ray
-import torch
 
-from lopt_dist.transport import ChannelError, create_boundary_group, find_free_port
+from lopt_dist.transport import create_boundary_group, find_free_port
 from lopt_dist.transport.boundary_group import members_problem
 
 from peers import BoundaryPeer, join_all

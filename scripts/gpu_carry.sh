@@ -50,4 +50,8 @@ echo "Device calls, one after another without a pause (a machine left idle for 3
 for dir in .carry/[0-9]*; do
     echo "  run(carry=[\"$dir\"], command=\"mkdir -p /tmp/carry && cp $dir/* /tmp/carry/ && ls /tmp/carry | wc -l\")"
 done
-echo "  run(command=\"bash scripts/gpu_install.sh /tmp/carry && PYTHONPATH=/tmp/site:\$PWD python3 -m tools.gpu_suite --out \$OUT/suite\", timeout_s=600)"
+# The suite in two parts (each within one call's 10 minutes); its outputs stay in /tmp/suite (checkpoints, logs),
+# only the report comes back through $OUT (at most 8 files come back).
+SUITE='PYTHONPATH=/tmp/site:$PWD python3 -m tools.gpu_suite --out /tmp/suite'
+echo "  run(command=\"bash scripts/gpu_install.sh /tmp/carry && $SUITE --only gpu-tests,local-lopt-bf16,local-e2e-bf16,pipeline-shared-gpu,pipeline-nccl; cp /tmp/suite/gpu_suite.* \$OUT/\", timeout_s=600)"
+echo "  run(command=\"$SUITE --only bench-smollm2-135m,bench-llama-1b; cp /tmp/suite/gpu_suite.* \$OUT/\", timeout_s=600)"

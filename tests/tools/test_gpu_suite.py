@@ -9,7 +9,7 @@ import shlex
 import pytest
 
 from tools.bench.flops import matmul_parameters, mfu, peak_bf16_tflops, training_flops_per_token
-from tools.gpu_suite.cli import main
+from tools.gpu_suite.cli import _merge_earlier, main
 from tools.gpu_suite.report import markdown
 from tools.gpu_suite.results import read_step
 from tools.gpu_suite.steps import Step
@@ -96,3 +96,14 @@ def test_test_step_reads_junit_and_the_report_names_failures(tmp_path):
     text = markdown(report)
     assert "# GPU check suite: failed" in text and "NVIDIA H100 80GB HBM3" in text
     assert "no test failed: FAILED" in text and "## gpu-tests failed" in text and "AssertionError in b" in text
+
+
+def test_a_suite_run_in_parts_keeps_one_report(tmp_path):
+    # Two parts (e.g. two device calls): the second run's report keeps the first run's steps.
+    (tmp_path / "gpu_suite.json").write_text(json.dumps({"steps": [
+        {"name": "gpu-tests", "kind": "tests", "describes": "", "status": "passed", "seconds": 60.0},
+        {"name": "bench-llama-1b", "kind": "bench", "describes": "", "status": "failed", "seconds": 5.0}]}))
+    merged = _merge_earlier(tmp_path, [{"name": "bench-llama-1b", "status": "passed"},
+                                       {"name": "local-e2e-bf16", "status": "passed"}])
+    assert [(r["name"], r["status"]) for r in merged] == [("gpu-tests", "passed"), ("bench-llama-1b", "passed"),
+                                                          ("local-e2e-bf16", "passed")]

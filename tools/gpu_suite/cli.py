@@ -1,7 +1,7 @@
 """`python -m tools.gpu_suite --out DIR`: run every step, then write the report; exit 1 if any step failed.
 
     python -m tools.gpu_suite --out gpu-report            # on a GPU machine: tests, training runs, bench rows
-    python -m tools.gpu_suite --out gpu-report --only gpu-tests,bench-llama-1b
+    python -m tools.gpu_suite --out gpu-report --only gpu-tests,bench-llama-1b   # a part; the report keeps the rest
     python -m tools.gpu_suite --out gpu-report --dry-run  # the plan, as commands; runs nothing
     python -m tools.gpu_suite --out smoke --smoke         # the same steps on the CPU, tiny model: plumbing only
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         steps = [s for s in steps if s.name in wanted]
     started = time.perf_counter()
     results = [run_step(step, out, args.dry_run) for step in steps]
+    if args.only and not args.dry_run:
+        results = _merge_earlier(out, results)
     verdict = ("planned" if args.dry_run else "failed" if any(r["status"] == "failed" for r in results)
                else "passed")
     report = {"tool": "gpu_suite", "verdict": verdict, "mode": "smoke" if args.smoke else "gpu",
@@ -67,6 +70,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_suite: wrote {path}")
     print(f"gpu_suite: {verdict}: " + ", ".join(f"{r['name']} {r['status']}" for r in results))
     return 1 if verdict == "failed" else 0
+
+
+def _merge_earlier(out: Path, results: list[dict]) -> list[dict]:
+    """With --only, the steps an earlier run of the same --out recorded stay in the report (a suite may be run
+    in parts, e.g. one device call each); steps run now replace their earlier entries."""
+    try:
+        earlier = json.loads((out / "gpu_suite.json").read_text())["steps"]
+    except (OSError, ValueError, KeyError):
+        return results
+    now = {r["name"]: r for r in results}
+    merged = [now.pop(r["name"], r) for r in earlier if r["status"] != "planned"]
+    return merged + list(now.values())
 
 
 def run_step(step: Step, out: Path, dry_run: bool) -> dict:

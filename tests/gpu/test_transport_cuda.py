@@ -3,12 +3,15 @@ one GPU, NCCL device to device where two GPUs exist, and NCCL refused for worker
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import sys
 
 import pytest
 import ray
 import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from lopt_dist.transport import (
     ActivationReceiver,
@@ -64,9 +67,20 @@ class Peer:
         return exact
 
 
+@contextlib.contextmanager
 def _pair(gpus_each: float):
+    """Two peers; at half a GPU each they share one bundle of one GPU, so Ray puts both on the same GPU."""
     remote = ray.remote(num_gpus=gpus_each, num_cpus=0)(Peer)
-    return [remote.remote(), remote.remote()]
+    pg = placement_group([{"GPU": 1.0}] if gpus_each < 1 else [{"GPU": 1.0}] * 2)
+    ray.get(pg.ready(), timeout=60)
+    peers = [remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        placement_group=pg, placement_group_bundle_index=0 if gpus_each < 1 else i)).remote() for i in range(2)]
+    try:
+        yield peers
+    finally:
+        for peer in peers:
+            ray.kill(peer)
+        remove_placement_group(pg)
 
 
 def _exchange(peers, backend: str) -> tuple[list[str], list[bool]]:
@@ -79,36 +93,24 @@ def _exchange(peers, backend: str) -> tuple[list[str], list[bool]]:
 
 
 def test_two_workers_on_one_gpu_stream_cuda_tensors_over_gloo_through_pinned_memory():
-    peers = _pair(0.5)
-    try:
+    with _pair(0.5) as peers:
         uuids, exact = _exchange(peers, "gloo")
-        assert uuids[0] == uuids[1]  # one physical GPU
-        assert exact == [True] * 6
-    finally:
-        for p in peers:
-            ray.kill(p)
+    assert uuids[0] == uuids[1]  # one physical GPU
+    assert exact == [True] * 6
 
 
 def test_nccl_is_refused_for_two_workers_on_one_gpu():
-    peers = _pair(0.5)
-    try:
+    with _pair(0.5) as peers:
         port = find_free_port()
         joins = [p.join.remote(port, rank, "nccl") for rank, p in enumerate(peers)]
         for join in joins:
             with pytest.raises(ray.exceptions.RayTaskError, match="share one GPU"):
                 ray.get(join, timeout=120)
-    finally:
-        for p in peers:
-            ray.kill(p)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL between two GPUs needs two GPUs")
 def test_nccl_moves_cuda_tensors_between_two_gpus():
-    peers = _pair(1.0)
-    try:
+    with _pair(1.0) as peers:
         uuids, exact = _exchange(peers, "nccl")
-        assert uuids[0] != uuids[1]
-        assert exact == [True] * 6
-    finally:
-        for p in peers:
-            ray.kill(p)
+    assert uuids[0] != uuids[1]
+    assert exact == [True] * 6

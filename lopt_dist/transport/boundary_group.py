@@ -51,7 +51,7 @@ class BoundaryGroup:
         return self.backend == "nccl"
 
     # Point-to-point calls go to the group object itself, not through torch.distributed's functions: those look
-    # the group up in torch's registry, which this group is deliberately not in (torch < 2.7 refuses it there).
+    # the group up in torch's registry, which this group is deliberately not in (torch 2.6 refuses it there).
 
     def isend(self, tensor: torch.Tensor, dst: int) -> dist.Work:
         """Post `tensor` for boundary rank `dst`; the backend is the one registered for the tensor's device."""
@@ -174,7 +174,7 @@ def _nccl_backend(
 
 def destroy_boundary_group(group: BoundaryGroup) -> None:
     """Release the group's connections (NCCL communicators in particular). Flush senders first."""
-    if hasattr(group.pg, "shutdown"):  # torch >= 2.7
+    if hasattr(group.pg, "shutdown"):  # newer torch; 2.6 has none
         group.pg.shutdown()
     elif group.moves_cuda:  # torch 2.6: shut NCCL down itself; gloo's connections close with the group
         group.pg._get_backend(torch.device("cuda")).shutdown()

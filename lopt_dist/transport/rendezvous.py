@@ -65,7 +65,7 @@ def make_store(
     fd = listener.take_fd() if is_master else None
     try:
         return dist.TCPStore(host, port, world_size, is_master=is_master, timeout=timeout, master_listen_fd=fd)
-    except NotImplementedError:  # torch < 2.7: the libuv server takes no listening socket; the classic one does
+    except NotImplementedError:  # torch 2.6: the libuv server takes no listening socket; the classic one does
         return dist.TCPStore(host, port, world_size, is_master=is_master, timeout=timeout, master_listen_fd=fd,
                              use_libuv=False)
 

@@ -64,6 +64,13 @@ class Probe(WorkerBase):
             os._exit(1)
         time.sleep(sleep_s)
 
+    def collective_timeout_s(self) -> float:
+        import torch
+        import torch.distributed as dist
+
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        return backend.options._timeout.total_seconds()
+
     def all_reduce(self, value: float) -> float:
         import torch
         import torch.distributed as dist
@@ -245,3 +252,4 @@ def test_init_torch_distributed_with_gloo():
         assert group.execute("env", "LOCAL_RANK") == ["0", "1"]
         assert group.execute("env", "MASTER_PORT") == [str(group.master_port)] * 2
         assert group.execute_per_rank("all_reduce", [(1.0,), (2.0,)]) == [3.0, 3.0]
+        assert group.execute("collective_timeout_s") == [60.0, 60.0]  # runtime.collective_timeout_s lands here

@@ -10,8 +10,9 @@ together where it can; a warning says so. A group whose workers then span nodes 
 across nodes: with large groups, size nodes so that columns fit.
 
 A request that can never fit the cluster as it is fails at once, saying what was asked and what there is.
-GPUs are the exception when `wait_for_gpus` (runtime.device: cuda): an autoscaling cluster that starts with
-no GPU nodes gets them only once a placement group asks, so the start waits up to its timeout instead.
+The exception is `wait_for_gpus` (runtime.device: cuda) on a cluster short of the GPUs asked for: an autoscaling
+cluster that starts with no GPU nodes gets them (and their CPUs) only once a placement group asks, so the start
+waits up to its timeout instead, with columns kept whole.
 """
 
 from __future__ import annotations
@@ -104,15 +105,16 @@ def boundary_columns(sizes: Sequence[int]) -> list[list[tuple[int, int]]]:
 
 
 def plan_bundles(
-    requests: Sequence[GroupRequest], nodes: Sequence[Mapping[str, float]], ignore_gpus: bool = False
+    requests: Sequence[GroupRequest], nodes: Sequence[Mapping[str, float]], nodes_may_come: bool = False
 ) -> tuple[list[dict[str, float]], list[list[int]], bool]:
     """Bundles, each worker's bundle index ([group][worker]), and whether the columns were kept whole.
 
-    Columns are kept when each fits on one of `nodes` (GPUs not counted when `ignore_gpus`: nodes yet to come).
+    Columns are kept when each fits on one of `nodes`, or always when `nodes_may_come` (an autoscaler will add
+    nodes of its own types, which today's nodes say nothing about).
     """
     columns = boundary_columns([r.workers for r in requests])
     column_bundles = [_sum_resources(requests[s].resources for s, _ in column) for column in columns]
-    keep = len(requests) > 1 and all(_fits_some_node(b, nodes, ignore_gpus) for b in column_bundles)
+    keep = len(requests) > 1 and (nodes_may_come or all(_fits_some_node(b, nodes) for b in column_bundles))
     index: list[list[int]] = [[0] * r.workers for r in requests]
     if keep:
         for b, column in enumerate(columns):
@@ -128,16 +130,14 @@ def plan_bundles(
 
 
 def shortfall(bundles: Sequence[Mapping[str, float]], total: Mapping[str, float],
-              nodes: Sequence[Mapping[str, float]], ignore_gpus: bool = False) -> str | None:
+              nodes: Sequence[Mapping[str, float]]) -> str | None:
     """Why `bundles` can never be placed on the cluster as it is (PACK), or None when they could once free."""
     need = _sum_resources(bundles)
     for key, amount in need.items():
-        if key == "GPU" and ignore_gpus:
-            continue
         if amount > total.get(key, 0.0) + _EPS:
             return f"the cluster has only {total.get(key, 0.0):g} {key}"
     for bundle in bundles:
-        if not _fits_some_node(bundle, nodes, ignore_gpus):
+        if not _fits_some_node(bundle, nodes):
             return f"no single node has {_format_resources(bundle)}"
     return None
 
@@ -151,10 +151,11 @@ def reserve(requests: Sequence[GroupRequest], timeout_s: float, *, wait_for_gpus
     total, nodes = ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     gpus_needed = sum(r.workers * r.gpus_per_worker for r in requests)
     waiting = wait_for_gpus and gpus_needed > total.get("GPU", 0.0) + _EPS
-    bundles, index, kept = plan_bundles(requests, nodes, ignore_gpus=waiting)
+    bundles, index, kept = plan_bundles(requests, nodes, nodes_may_come=waiting)
     asked = _describe_request(requests)
-    problem = shortfall(bundles, total, nodes, ignore_gpus=waiting)
-    if problem:  # fail fast: waiting cannot help
+    # Fail fast when waiting cannot help; GPU nodes an autoscaler adds may bring the missing CPUs too.
+    problem = None if waiting else shortfall(bundles, total, nodes)
+    if problem:
         raise WorkerGroupStartError(f"{asked}, but {problem}. {_describe_cluster()}. {_FIX_HINT}")
     if len(requests) > 1 and not kept:
         logger.warning("boundary peers may land on different nodes: a column of peers (%s) fits on no node, so "
@@ -182,9 +183,8 @@ def _column_need(requests: Sequence[GroupRequest]) -> dict[str, float]:
     return max(sums, key=lambda b: (b.get("GPU", 0.0), b.get("CPU", 0.0)))
 
 
-def _fits_some_node(bundle: Mapping[str, float], nodes: Sequence[Mapping[str, float]], ignore_gpus: bool) -> bool:
-    keys = [k for k in bundle if not (k == "GPU" and ignore_gpus)]
-    return any(all(node.get(k, 0.0) + _EPS >= bundle[k] for k in keys) for node in nodes)
+def _fits_some_node(bundle: Mapping[str, float], nodes: Sequence[Mapping[str, float]]) -> bool:
+    return any(all(node.get(k, 0.0) + _EPS >= amount for k, amount in bundle.items()) for node in nodes)
 
 
 def _sum_resources(bundles) -> dict[str, float]:

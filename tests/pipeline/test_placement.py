@@ -34,8 +34,8 @@ def test_columns_larger_than_any_node_fall_back_to_one_bundle_per_worker_in_colu
     nodes = [{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}]
     bundles, index, kept = plan_bundles(_requests([1, 1]), nodes)
     assert not kept and bundles == [{"CPU": 1.0, "GPU": 1.0}] * 2 and index == [[0], [1]]
-    # Waiting for an autoscaler's GPU nodes: GPUs of today's nodes say nothing, columns are kept.
-    assert plan_bundles(_requests([1, 1]), [{"CPU": 8}], ignore_gpus=True)[2]
+    # Waiting for an autoscaler's GPU nodes: today's nodes say nothing about them, columns are kept.
+    assert plan_bundles(_requests([1, 1], cpus=8), [{"CPU": 4}], nodes_may_come=True)[2]
 
 
 def test_shortfall_names_what_the_cluster_lacks():
@@ -43,6 +43,5 @@ def test_shortfall_names_what_the_cluster_lacks():
     total = {"CPU": 4, "GPU": 2}
     assert shortfall([{"CPU": 2, "GPU": 1}] * 2, total, nodes) is None
     assert shortfall([{"CPU": 1, "GPU": 1}] * 3, total, nodes) == "the cluster has only 2 GPU"
-    assert shortfall([{"CPU": 1, "GPU": 1}] * 3, total, nodes, ignore_gpus=True) is None
     two_nodes = [{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}]
     assert shortfall([{"CPU": 2, "GPU": 2}], {"CPU": 8, "GPU": 2}, two_nodes) == "no single node has 2 CPU, 2 GPU"

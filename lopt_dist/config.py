@@ -136,14 +136,27 @@ class RuntimeConfig:
     transport: Literal["auto", "gloo", "nccl"] = "auto"
     ray_address: str | None = None  # None: RAY_ADDRESS if set, else an embedded local instance
     ray_num_cpus: int | None = None  # embedded instance only; None: all cores
-    start_timeout_s: float = 120.0  # placement groups and worker start-up
+    # GPUs each stage worker asks Ray for: 1, or a fraction (0.5) so that workers of different stages share a
+    # GPU, e.g. a whole two-stage pipeline on a one-GPU machine. Ignored on CPU.
+    gpus_per_worker: float = 1.0
+    # placement groups and worker start-up; with device: cuda also how long to wait for an autoscaler's GPUs
+    start_timeout_s: float = 120.0
     boundary_timeout_s: float = 900.0  # longest a stage may wait on its neighbour (start-up, a checkpoint)
+    # Each group's torch.distributed (DeepSpeed) collectives: a ZeRO collective may wait behind another rank's
+    # checkpoint write, so this is generous; NCCL's watchdog kills a rank after it.
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         _require(self.channel_depth >= 1, "runtime.channel_depth", "must be >= 1")
         _require(len(self.groups) >= 1, "runtime.groups", "give one group per stage")
+        _require(0 < self.gpus_per_worker <= 1, "runtime.gpus_per_worker",
+                 f"must be in (0, 1] (a fraction shares a GPU between workers), got {self.gpus_per_worker}")
+        _require(self.transport != "nccl" or self.gpus_per_worker == 1, "runtime.transport",
+                 "'nccl' cannot connect workers that share a GPU (gpus_per_worker < 1); use 'auto', which moves "
+                 "activations between such workers through pinned host memory")
         _require(self.start_timeout_s > 0, "runtime.start_timeout_s", "must be > 0")
         _require(self.boundary_timeout_s > 0, "runtime.boundary_timeout_s", "must be > 0")
+        _require(self.collective_timeout_s > 0, "runtime.collective_timeout_s", "must be > 0")
 
 
 @dataclass(kw_only=True)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from lopt_dist.checkpoint import Checkpoints, read_state
-from lopt_dist.config import ConfigError, ExperimentConfig
+from lopt_dist.config import ExperimentConfig
+from lopt_dist.device import local_device
 from lopt_dist.model.export import export_model
 from lopt_dist.model.loading import load_model_config, load_tokenizer
 from lopt_dist.preflight import prepare
@@ -94,7 +95,7 @@ class _LocalRunner:
         tokenizer = load_tokenizer(cfg.model.name)
         batches = MicroBatches(build_examples(cfg.data, tokenizer), cfg.train.micro_batch_size, cfg.data.shuffle,
                                cfg.data.seed, tokenizer.pad_token_id)
-        device = _local_device(cfg)
+        device = local_device(cfg.runtime.device, torch.cuda.is_available())
         model = load_causal_lm(cfg.model.name, attn_implementation=cfg.model.attn_implementation)
         self.trainer = LocalTrainer(cfg, model, batches, device)
         if resume_from is not None:
@@ -144,11 +145,3 @@ class _RayRunner:
     def close(self) -> None:
         if self.driver is not None:
             self.driver.shutdown()
-
-
-def _local_device(cfg: ExperimentConfig) -> torch.device:
-    if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device: 'cuda' was asked but this machine has no CUDA device")
-    if cfg.runtime.device == "cuda" or (cfg.runtime.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")

@@ -23,12 +23,14 @@ import torch
 from ray.exceptions import AuthenticationError
 
 from lopt_dist.config import ConfigError, ExperimentConfig
+from lopt_dist.device import Slot, boundary_backend, cluster_uses_gpus, device_views, group_backend
 from lopt_dist.pipeline.deepspeed_engine import deepspeed_config
-from lopt_dist.pipeline.errors import WorkerFailedError, WorkerGroupStartError
+from lopt_dist.pipeline.errors import WorkerFailedError
+from lopt_dist.pipeline.futures import wait_all
+from lopt_dist.pipeline.group import WorkerGroup
+from lopt_dist.pipeline.placement import GroupRequest, Placement, reserve
 from lopt_dist.pipeline.stage_worker import BoundaryAddress, StageWorker, WorkerStepStats
-from lopt_dist.pipeline.worker_group import WorkerGroup, wait_all
 from lopt_dist.telemetry.memory import step_peak_bytes
-from lopt_dist.transport import pick_backend
 
 logger = logging.getLogger(__name__)
 
@@ -92,27 +94,64 @@ def _host_port(address: str, key: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def use_gpus(cfg: ExperimentConfig) -> bool:
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if cfg.runtime.device == "cuda" and gpus == 0:
-        raise ConfigError("runtime.device: 'cuda' was asked but the Ray cluster has no GPUs; use 'auto' or 'cpu'")
-    return cfg.runtime.device == "cuda" or (cfg.runtime.device == "auto" and gpus > 0)
+@dataclass
+class Launched:
+    """A pipeline's worker groups, started and placed, with the backends decided from where they landed."""
+
+    groups: list[WorkerGroup]
+    placement: Placement
+    gpu: bool
+    group_backends: list[str]  # each stage group's own (DeepSpeed) process group
+    boundary_backends: list[str]  # boundary b, between stage b and stage b+1
+
+    def shutdown(self) -> None:
+        for group in self.groups:
+            group.shutdown()
+        self.placement.release()
 
 
-def check_cluster_fits(cfg: ExperimentConfig, gpu: bool) -> None:
-    """All groups together must fit; say what was asked against what the cluster has."""
-    groups = cfg.runtime.groups
-    want_cpu = sum(g.workers * g.threads_per_worker for g in groups)
-    want_gpu = sum(g.workers for g in groups) if gpu else 0
-    have = ray.cluster_resources()
-    have_cpu, have_gpu = have.get("CPU", 0), have.get("GPU", 0)
-    if want_cpu > have_cpu or want_gpu > have_gpu:
-        asked = ", ".join(f"stage {i}: {g.workers} workers x {g.threads_per_worker} CPU" for i, g in enumerate(groups))
-        raise WorkerGroupStartError(
-            f"the worker groups need {want_cpu:g} CPUs{f' and {want_gpu} GPUs' if gpu else ''} ({asked}) but the "
-            f"Ray cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs. Fix: fewer workers or threads_per_worker "
-            "in runtime.groups, or a bigger cluster (embedded runs: runtime.ray_num_cpus)"
-        )
+def launch_pipeline(cfg: ExperimentConfig, worker_cls: type, extra_init_args: tuple = ()) -> Launched:
+    """Reserve one placement group for all stages, start one group per stage, show each worker its device.
+
+    The device decision (lopt_dist.device) is made from what Ray assigned each worker, as the worker reported
+    it, never from this process's CUDA: the driver may run on a CPU-only head node.
+    """
+    runtime = cfg.runtime
+    gpu = cluster_uses_gpus(runtime.device, ray.cluster_resources().get("GPU", 0))
+    if runtime.transport == "nccl" and not gpu:
+        raise ConfigError("runtime.transport: 'nccl' moves GPU tensors, but this run has no GPUs; use 'auto' or 'gloo'")
+    gpus = runtime.gpus_per_worker if gpu else 0.0
+    requests = [GroupRequest(f"stage {i}", g.workers, g.threads_per_worker, gpus) for i, g in enumerate(runtime.groups)]
+    placement = reserve(requests, runtime.start_timeout_s, wait_for_gpus=gpu and runtime.device == "cuda")
+    groups: list[WorkerGroup] = []
+    try:
+        for i, g in enumerate(runtime.groups):
+            groups.append(WorkerGroup.create(
+                worker_cls, g.workers, name=f"stage {i}", cpus_per_worker=g.threads_per_worker,
+                gpus_per_worker=gpus, init_args=(cfg, i, *extra_init_args), start_timeout_s=runtime.start_timeout_s,
+                placement=(placement, i),
+            ))
+        slots = [[r.slot(group.label(r.rank)) for r in group.rank_infos] for group in groups]
+        group_backends = [group_backend(i, s) for i, s in enumerate(slots)]
+        boundary_backends = [boundary_backend(b, runtime.transport, slots[b] + slots[b + 1])
+                             for b in range(len(groups) - 1)]
+        _show_devices(groups, slots)
+    except BaseException:
+        for group in groups:
+            group.shutdown()
+        placement.release()
+        raise
+    return Launched(groups, placement, gpu, group_backends, boundary_backends)
+
+
+def _show_devices(groups: list[WorkerGroup], slots: list[list[Slot]]) -> None:
+    """Each worker sees every pipeline GPU on its node (NCCL P2P to its peers), its own at its device index."""
+    views = iter(device_views([s for group_slots in slots for s in group_slots]))
+    refs = {}
+    for group in groups:
+        args = [(next(views),) for _ in range(len(group))]
+        refs.update(group.label_refs(group.execute_per_rank_async("_set_device_view", args)))
+    wait_all(refs)
 
 
 @dataclass
@@ -123,9 +162,10 @@ class StepReport:
 
 
 class PipelineDriver:
-    def __init__(self, cfg: ExperimentConfig, groups: list[WorkerGroup]) -> None:
+    def __init__(self, cfg: ExperimentConfig, launched: Launched) -> None:
         self.cfg = cfg
-        self.groups = groups
+        self.launched = launched
+        self.groups = launched.groups
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, worker_cls: type[StageWorker] = StageWorker,
@@ -138,30 +178,21 @@ class PipelineDriver:
         ds_configs = [deepspeed_config(cfg, g, f"runtime.groups[{i}].deepspeed_config")
                       for i, g in enumerate(cfg.runtime.groups)]
         connect_ray(cfg)
-        gpu = use_gpus(cfg)
-        check_cluster_fits(cfg, gpu)
-        if cfg.runtime.transport == "nccl" and not gpu:
-            raise ConfigError("runtime.transport: 'nccl' moves GPU tensors, but this run has no GPUs; use 'auto' or 'gloo'")
-        backend = pick_backend(cfg.runtime.transport if gpu else "gloo")
-        groups: list[WorkerGroup] = []
+        launched = launch_pipeline(cfg, worker_cls, extra_init_args)
+        groups = launched.groups
         try:
-            for i, g in enumerate(cfg.runtime.groups):
-                groups.append(WorkerGroup.create(
-                    worker_cls, g.workers, name=f"stage {i}", cpus_per_worker=g.threads_per_worker, use_gpu=gpu,
-                    init_args=(cfg, i, *extra_init_args), start_timeout_s=cfg.runtime.start_timeout_s,
-                ))
-            # Boundary b's store lives on stage b's worker 0, on a port free on that node.
-            addresses = [BoundaryAddress(g.master_addr, g.execute_single(0, "_find_free_port")) for g in groups[:-1]]
+            # Boundary b's store lives on stage b's worker 0, on a port it holds open on its node's address.
+            addresses = [BoundaryAddress(g.master_addr, g.execute_single(0, "_reserve_port"), backend)
+                         for g, backend in zip(groups[:-1], launched.boundary_backends)]
             refs = {}
-            for group, ds in zip(groups, ds_configs):
+            for group, backend, ds in zip(groups, launched.group_backends, ds_configs):
                 setup = group.execute_async("setup", group.master_addr, group.master_port, addresses, backend, ds)
                 refs.update(group.label_refs(setup))
             wait_all(refs, timeout_s=cfg.runtime.boundary_timeout_s)
         except BaseException:
-            for group in groups:
-                group.shutdown()
+            launched.shutdown()
             raise
-        return cls(cfg, groups)
+        return cls(cfg, launched)
 
     def _all(self, method: str, *args) -> dict[str, ray.ObjectRef]:
         refs = {}
@@ -204,8 +235,7 @@ class PipelineDriver:
         return [w for w in results.values() if w is not None]
 
     def shutdown(self) -> None:
-        for group in self.groups:
-            group.shutdown()
+        self.launched.shutdown()
         self.groups = []
 
 

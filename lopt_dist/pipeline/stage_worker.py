@@ -20,9 +20,10 @@ from lopt_dist.config import ExperimentConfig
 from lopt_dist.model import BOUNDARY_KEYS, split_model
 from lopt_dist.model.loading import load_causal_lm
 from lopt_dist.pipeline.deepspeed_engine import build_engine
-from lopt_dist.pipeline.worker_group import WorkerBase
+from lopt_dist.pipeline.worker import WorkerBase
 from lopt_dist.telemetry.memory import memory_snapshot, reset_peak
-from lopt_dist.transport import ActivationReceiver, ActivationSender, BoundaryLayout, create_boundary_group
+from lopt_dist.telemetry.timing import BusyClock
+from lopt_dist.transport import ActivationReceiver, ActivationSender, BoundaryLayout, create_boundary_group, warm_up
 
 
 @dataclass
@@ -36,7 +37,7 @@ class WorkerStepStats:
     loss_sum: float = 0.0  # stage metric summed over this worker's micro-batches
     router_aux_sum: float | None = None  # MoE: this stage's router load-balancing loss, summed likewise
     tokens: int = 0
-    busy_s: float = 0.0  # forward, backward and optimizer step
+    busy_s: float = 0.0  # forward, backward and optimizer step (CUDA events on GPU)
     recv_wait_s: float = 0.0  # blocked waiting for the previous stage (this worker's bubble)
     send_wait_s: float = 0.0  # blocked because the next stage is `channel_depth` micro-batches behind
     bytes_sent: int = 0
@@ -48,10 +49,11 @@ class WorkerStepStats:
 
 @dataclass(frozen=True)
 class BoundaryAddress:
-    """Where boundary b's group rendezvouses: its TCPStore lives on stage b's worker 0."""
+    """Where boundary b's group rendezvouses (its TCPStore lives on stage b's worker 0) and its backend."""
 
     host: str
     port: int
+    backend: str = "gloo"  # decided by the driver from every member's device (lopt_dist.device)
 
 
 class StageWorker(WorkerBase):
@@ -75,9 +77,10 @@ class StageWorker(WorkerBase):
     def setup(
         self, master_addr: str, master_port: int, boundaries: list[BoundaryAddress], backend: str, ds_config: dict
     ) -> int:
-        """Join the group's process group, build the engine, then join the boundary groups. Returns #params."""
+        """Join the group's process group (`backend`), build the engine, then join and warm up the boundary
+        groups. Returns #params."""
         device = self.claim_device(self.group.threads_per_worker)
-        self.init_torch_distributed(master_addr, master_port, "nccl" if device.type == "cuda" else "gloo")
+        self.init_torch_distributed(master_addr, master_port, backend, self.cfg.runtime.collective_timeout_s)
         torch.manual_seed(self.cfg.train.seed)
         model = load_causal_lm(self.cfg.model.name, attn_implementation=self.cfg.model.attn_implementation)
         [stage] = split_model(model, self.cfg.model.boundaries, self.cfg.train.lambda_aux, self.cfg.train.seed,
@@ -87,7 +90,7 @@ class StageWorker(WorkerBase):
         self.device = device
         if self.stage_index == 0:
             self._build_data()
-        self._join_boundaries(boundaries, backend)
+        self._join_boundaries(boundaries)
         return sum(p.numel() for p in stage.parameters())
 
     def _build_data(self) -> None:
@@ -99,25 +102,28 @@ class StageWorker(WorkerBase):
         self.batches = MicroBatches(examples, self.cfg.train.micro_batch_size, self.cfg.data.shuffle,
                                     self.cfg.data.seed, tokenizer.pad_token_id)
 
-    def _join_boundaries(self, boundaries: list[BoundaryAddress], backend: str) -> None:
+    def _join_boundaries(self, boundaries: list[BoundaryAddress]) -> None:
         # Incoming boundary first, then outgoing: stage s waits for stage s-1 to join boundary s-1 only after
         # that stage has joined its own incoming one, so the rendezvous proceeds front to back, never in a cycle.
-        timeout = datetime.timedelta(seconds=self.cfg.runtime.boundary_timeout_s)
-        rank = self.rank_info.rank
-        groups = self.cfg.runtime.groups
+        # Each join ends with a warm-up exchange, so connection errors surface here, not in step 0.
         if self.stage_index > 0:
-            layout = self._layout(self.stage_index - 1)
-            addr = boundaries[self.stage_index - 1]
-            pg = create_boundary_group(addr.host, addr.port, layout.receiver_rank(rank), layout.world_size,
-                                       backend, timeout, name=f"b{self.stage_index - 1}", device=self.device)
-            self.in_layout, self.receiver = layout, ActivationReceiver(pg, BOUNDARY_KEYS, self.device)
-        if self.stage_index < len(groups) - 1:
-            layout = self._layout(self.stage_index)
-            addr = boundaries[self.stage_index]
-            pg = create_boundary_group(addr.host, addr.port, layout.sender_rank(rank), layout.world_size,
-                                       backend, timeout, name=f"b{self.stage_index}", device=self.device)
-            self.out_layout = layout
-            self.sender = ActivationSender(pg, BOUNDARY_KEYS, self.cfg.runtime.channel_depth)
+            self.in_layout = self._layout(self.stage_index - 1)
+            link = self._join(boundaries, self.stage_index - 1, self.in_layout.receiver_rank(self.rank_info.rank))
+            self.receiver = ActivationReceiver(link, BOUNDARY_KEYS, self.device)
+        if self.stage_index < self.num_stages - 1:
+            self.out_layout = self._layout(self.stage_index)
+            link = self._join(boundaries, self.stage_index, self.out_layout.sender_rank(self.rank_info.rank))
+            self.sender = ActivationSender(link, BOUNDARY_KEYS, self.cfg.runtime.channel_depth)
+
+    def _join(self, boundaries: list[BoundaryAddress], boundary: int, rank: int):
+        addr, layout = boundaries[boundary], self._layout(boundary)
+        listener = self.take_listener(addr.port) if rank == 0 else None  # stage b's worker 0 hosts the store
+        link = create_boundary_group(addr.host, addr.port, rank, layout.world_size, addr.backend,
+                                     datetime.timedelta(seconds=self.cfg.runtime.boundary_timeout_s),
+                                     name=f"b{boundary}", device=self.device, listener=listener,
+                                     bind_host=self.rank_info.node_ip)
+        warm_up(link, layout, self.device)
+        return link
 
     def _layout(self, boundary: int) -> BoundaryLayout:
         groups = self.cfg.runtime.groups
@@ -133,28 +139,38 @@ class StageWorker(WorkerBase):
         start = time.perf_counter()
         sent0 = self.sender.stats.snapshot() if self.sender else None
         recv0 = self.receiver.stats.snapshot() if self.receiver else None
+        busy = BusyClock(self.device)
+        # Summed on the device and read once after the loop: a float() per micro-batch would stall the host.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = torch.zeros((), dtype=torch.int64, device=self.device)
+        router_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        has_router = False  # MoE stages report their routers' balancing loss too
         workers = self.group.workers
         for m in range(step * per_step, (step + 1) * per_step):
             if m % workers != self.rank_info.rank:
                 continue
             batch = self._next_input(m)
-            t0 = time.perf_counter()
-            out = self.engine(batch)
-            if self.sender is not None:
+            with busy.span():
+                out = self.engine(batch)
+            if self.sender is not None:  # before the backward, so the next stage can start at once
                 self.sender.send(out.boundary, self.out_layout.receiver_rank(self.out_layout.consumer(m)), m)
                 stats.max_outstanding = max(stats.max_outstanding, self.sender.outstanding)
-            self.engine.backward(out.loss)
-            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            stats.busy_s += time.perf_counter() - t0
+            with busy.span():
+                self.engine.backward(out.loss)
+                self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             stats.micro_batches += 1
-            stats.loss_sum += float(out.metric)
+            loss_sum += out.metric.detach()
             if out.router_aux is not None:
-                stats.router_aux_sum = (stats.router_aux_sum or 0.0) + float(out.router_aux)
-            stats.tokens += int(batch["attention_mask"].sum())
+                router_sum += out.router_aux.detach()
+                has_router = True
+            tokens += batch["attention_mask"].sum()
+        sums = torch.stack([loss_sum, tokens.double(), router_sum.double()]).tolist()  # one host sync per step
+        stats.loss_sum, stats.tokens = sums[0], int(sums[1])
+        stats.router_aux_sum = sums[2] if has_router else None
+        stats.busy_s = busy.total_s()
         if self.sender is not None:
             delta = self.sender.stats.since(sent0)
             stats.send_wait_s, stats.bytes_sent = delta.blocked_s, delta.bytes
-            stats.busy_s -= delta.blocked_s  # a send blocked on backpressure is waiting, not computing
         if self.receiver is not None:
             delta = self.receiver.stats.since(recv0)
             stats.recv_wait_s, stats.bytes_received = delta.blocked_s, delta.bytes

@@ -11,6 +11,8 @@ import resource
 
 import torch
 
+from lopt_dist.telemetry.nvml import nvml_used_bytes
+
 
 def current_rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
@@ -42,22 +44,10 @@ def memory_snapshot(device: torch.device) -> dict[str, int]:
     if device.type == "cuda":
         snap["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         snap["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
-        snap.update(_nvml_used(device))
+        snap.update(nvml_used_bytes(device))
     return snap
 
 
 def step_peak_bytes(snapshot: dict[str, int]) -> int:
     """The one peak figure a step reports from its `memory_snapshot`: CUDA peak allocation, else peak RSS."""
     return snapshot.get("cuda_peak_allocated_bytes", snapshot["peak_rss_bytes"])
-
-
-def _nvml_used(device: torch.device) -> dict[str, int]:
-    try:
-        import pynvml  # from nvidia-ml-py
-
-        pynvml.nvmlInit()
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
-        return {"nvml_used_bytes": int(info.used)}
-    except Exception:  # NVML is optional telemetry: a missing driver library must not stop training
-        return {}

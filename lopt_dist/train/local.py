@@ -89,42 +89,51 @@ class LocalTrainer:
         reset_peak(self.device)
         start = time.perf_counter()
         per_step = self.cfg.train.micro_batches_per_step
-        task, recon, router, tokens = 0.0, None, {}, 0
+        # Losses and tokens are summed on the device and read once per step: a float() per micro-batch would
+        # make the host wait for the GPU twice per micro-batch. float64 sums give what Python floats gave.
+        losses = torch.zeros(len(self.trainables) if self.is_lopt else 1, dtype=torch.float64, device=self.device)
+        tokens = torch.zeros((), dtype=torch.int64, device=self.device)
+        router: dict[int, torch.Tensor] = {}  # MoE: each stage's router loss, summed likewise
         for j in range(per_step):
             batch = {k: v.to(self.device) for k, v in self.batches.get(self.step * per_step + j).items()}
-            tokens += int(batch["attention_mask"].sum())
+            tokens += batch["attention_mask"].sum()
             with self._autocast():
-                micro_task, micro_recon, micro_router = (self._lopt_micro if self.is_lopt else self._e2e_micro)(batch)
-            task += micro_task / per_step
-            if micro_recon is not None:
-                recon = [r / per_step + (recon[i] if recon else 0.0) for i, r in enumerate(micro_recon)]
+                metrics, micro_router = (self._lopt_micro if self.is_lopt else self._e2e_micro)(batch)
+            losses += torch.stack(metrics).double() / per_step
             for i, value in micro_router.items():
-                router[i] = router.get(i, 0.0) + value / per_step
+                router[i] = router.get(i, 0.0) + value.double() / per_step
         lrs = [t.scheduler.get_last_lr()[0] for t in self.trainables]
         for trainable in self.trainables:
             trainable.step()
-        result = StepResult(self.step, task, recon or [], tokens, time.perf_counter() - start, lrs, router)
+        stages = sorted(router)
+        flat = [losses, tokens.double().reshape(1), *(router[i].reshape(1) for i in stages)]
+        values = torch.cat(flat).tolist()  # the step's one host sync
+        n = losses.numel()
+        task, recon, total_tokens = values[n - 1], values[: n - 1], values[n]  # stage order: recon..., task
+        result = StepResult(self.step, task, recon, int(total_tokens), time.perf_counter() - start, lrs,
+                            dict(zip(stages, values[n + 1:])))
         self.step += 1
         return result
 
-    def _lopt_micro(self, batch: dict[str, torch.Tensor]) -> tuple[float, list[float], dict[int, float]]:
+    def _lopt_micro(self, batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
+        """Each stage's metric (reconstruction losses, then the task loss) and MoE router loss, detached."""
         # Each stage's graph is built, used and dropped before the next stage runs.
         per_step = self.cfg.train.micro_batches_per_step
-        recon, router = [], {}
+        metrics, router = [], {}
         inputs = batch
         for stage in self.stages:
             out = stage(inputs)
             (out.loss / per_step).backward()
+            metrics.append(out.metric.detach().float())
             if out.router_aux is not None:
-                router[stage.index] = float(out.router_aux)
+                router[stage.index] = out.router_aux.detach().float()
             if stage.is_last:
-                return float(out.metric), recon, router
-            recon.append(float(out.metric))
+                return metrics, router
             inputs = out.boundary
             del out
         raise AssertionError("unreachable: the last stage returns")
 
-    def _e2e_micro(self, batch: dict[str, torch.Tensor]) -> tuple[float, None, dict[int, float]]:
+    def _e2e_micro(self, batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
         # MoE families: the family's own forward computes its router loss over all layers, as stages do per stage.
         moe = {"output_router_logits": True} if self.router_coef is not None else {}
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **moe)
@@ -132,9 +141,9 @@ class LocalTrainer:
         loss, router = task, {}
         if getattr(out, "aux_loss", None) is not None:
             loss = task + self.router_coef * out.aux_loss
-            router[0] = float(out.aux_loss.detach())
+            router[0] = out.aux_loss.detach().float()
         (loss / self.cfg.train.micro_batches_per_step).backward()
-        return float(task.detach()), None, router
+        return [task.detach().float()], router
 
     def save_state(self, directory: Path) -> None:
         """Weights, optimizer and schedule of every stage, and the step, into a staged checkpoint directory."""

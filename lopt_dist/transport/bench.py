@@ -26,8 +26,9 @@ _KEYS = ("hidden_states",)
 class _BenchPeer:
     def join(self, port: int, rank: int, backend: str) -> None:
         timeout = datetime.timedelta(seconds=60)
-        self._group = create_boundary_group("127.0.0.1", port, rank, 2, backend, timeout, name="bench")
         self._device = torch.device("cuda" if backend == "nccl" else "cpu")
+        self._group = create_boundary_group("127.0.0.1", port, rank, 2, backend, timeout, name="bench",
+                                            device=self._device)
 
     def send(self, messages: int, depth: int, shape: tuple[int, ...], dtype: torch.dtype) -> float:
         sender = ActivationSender(self._group, _KEYS, depth)

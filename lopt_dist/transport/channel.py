@@ -8,7 +8,7 @@ travel in the dtype they have: bfloat16 hidden states stay bfloat16 on the wire.
 The sender is asynchronous but bounded: at most `depth` messages in flight, so a fast stage runs at most
 `depth` micro-batches ahead of a slow one and then waits; nothing is dropped or buffered without bound.
 On gloo a send completes only once the receiver has posted the matching receive, which is what makes the
-bound real backpressure. Both ends must follow `routing.BoundaryLayout`, or they wait on each other
+bound real backpressure. CUDA tensors on a gloo group pass through pinned host memory (staging.py). Both ends must follow `routing.BoundaryLayout`, or they wait on each other
 until the group's timeout.
 """
 
@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from lopt_dist.transport.boundary_group import BoundaryGroup
 from lopt_dist.transport.header import ChannelError, Header, decode_header, encode_header, header_length
+from lopt_dist.transport.staging import from_wire, receive_buffers, to_wire
 
 
 @dataclass(kw_only=True)
@@ -69,7 +71,7 @@ class ActivationSender:
     messages still in flight would silently never arrive.
     """
 
-    def __init__(self, group: dist.ProcessGroup, keys: Sequence[str], depth: int) -> None:
+    def __init__(self, group: BoundaryGroup, keys: Sequence[str], depth: int) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         if not keys or len(set(keys)) != len(keys):
@@ -96,10 +98,11 @@ class ActivationSender:
         while len(self._in_flight) >= self._depth:
             self._wait_oldest()
         header = encode_header(micro_batch, device_type, tensors)
-        works = [dist.isend(header, group=self._group, group_dst=dst)]
+        wire = to_wire(tensors, self._group.moves_cuda)
+        works = [self._group.isend(header, dst)]
         # gloo may not accept zero-byte messages; the receiver knows the empty shape from the header.
-        works += [dist.isend(t, group=self._group, group_dst=dst) for t in tensors if t.numel() > 0]
-        self._in_flight.append(_InFlight(works, [header, *tensors]))
+        works += [self._group.isend(t, dst) for t in wire if t.numel() > 0]
+        self._in_flight.append(_InFlight(works, [header, *wire]))
         self.peak_outstanding = max(self.peak_outstanding, len(self._in_flight))
         self.stats.messages += 1
         self.stats.bytes += sum(t.numel() * t.element_size() for t in (header, *tensors))
@@ -120,7 +123,7 @@ class ActivationReceiver:
     """The receiving end: one per worker per boundary it receives across (workers of non-first stages)."""
 
     def __init__(
-        self, group: dist.ProcessGroup, keys: Sequence[str], device: torch.device | str = "cpu"
+        self, group: BoundaryGroup, keys: Sequence[str], device: torch.device | str = "cpu"
     ) -> None:
         if not keys or len(set(keys)) != len(keys):
             raise ValueError(f"keys must be distinct and non-empty, got {list(keys)}")
@@ -135,13 +138,14 @@ class ActivationReceiver:
         Raises ChannelError when the message that arrives is not the one expected (a routing bug)."""
         start = time.perf_counter()
         header_buf = torch.empty(header_length(len(self._keys)), dtype=torch.int64)
-        dist.irecv(header_buf, group=self._group, group_src=src).wait()
+        self._group.irecv(header_buf, src).wait()
         header = decode_header(header_buf, len(self._keys))
         self._check(header, src, micro_batch)
-        tensors = [torch.empty(meta.shape, dtype=meta.dtype, device=self._device) for meta in header.tensors]
-        works = [dist.irecv(t, group=self._group, group_src=src) for t in tensors if t.numel() > 0]
+        buffers = receive_buffers(header.tensors, self._device, self._group.moves_cuda)
+        works = [self._group.irecv(t, src) for t in buffers if t.numel() > 0]
         for work in works:
             work.wait()
+        tensors = from_wire(buffers, self._device)
         self.stats.blocked_s += time.perf_counter() - start
         self.stats.messages += 1
         self.stats.bytes += sum(t.numel() * t.element_size() for t in (header_buf, *tensors))

@@ -95,7 +95,7 @@ def test_groups_larger_than_the_cluster_fail_fast_with_what_was_asked(tiny_model
         f"runtime.groups=[{{workers: 3, deepspeed_config: {zero2}}}, {{workers: 3, deepspeed_config: {zero2}}}]",
     ])
     started = time.monotonic()
-    with pytest.raises(WorkerGroupStartError, match=r"need 6 CPUs .*stage 0: 3 workers x 1 CPU.* has 4 CPUs"):
+    with pytest.raises(WorkerGroupStartError, match=r"need 6 CPUs .*stage 0: 3 workers x 1 CPU.* has only 4 CPU"):
         train(cfg)
     assert time.monotonic() - started < 10
     assert _stage_workers("ALIVE") == []

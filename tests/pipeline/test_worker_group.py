@@ -17,7 +17,10 @@ from lopt_dist.pipeline.errors import (
     WorkerGroupStartError,
     WorkerTimeoutError,
 )
-from lopt_dist.pipeline.worker_group import NodeInfo, WorkerBase, WorkerGroup, assign_ranks, wait_all
+from lopt_dist.pipeline.futures import wait_all
+from lopt_dist.pipeline.group import WorkerGroup
+from lopt_dist.pipeline.worker import NodeInfo, WorkerBase, assign_ranks
+from tests.listening import listening_addresses
 
 CLUSTER_CPUS = 4
 # Failures must surface this fast even though a healthy worker of the same call sleeps for a minute.
@@ -61,6 +64,13 @@ class Probe(WorkerBase):
             os._exit(1)
         time.sleep(sleep_s)
 
+    def collective_timeout_s(self) -> float:
+        import torch
+        import torch.distributed as dist
+
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        return backend.options._timeout.total_seconds()
+
     def all_reduce(self, value: float) -> float:
         import torch
         import torch.distributed as dist
@@ -77,7 +87,7 @@ class BrokenInit(WorkerBase):
 
 def make_group(num_workers: int, name: str, cpus: float = 0.5, **kwargs) -> WorkerGroup:
     kwargs.setdefault("start_timeout_s", 30)
-    return WorkerGroup.create(Probe, num_workers, name=name, cpus_per_worker=cpus, use_gpu=False, **kwargs)
+    return WorkerGroup.create(Probe, num_workers, name=name, cpus_per_worker=cpus, **kwargs)
 
 
 def pending_placement_groups() -> list[dict]:
@@ -109,7 +119,7 @@ def test_workers_know_their_ranks_and_the_rendezvous():
         assert [i.local_rank for i in infos] == [0, 1, 2]
         assert {(i.world_size, i.local_world_size) for i in infos} == {(3, 3)}
         assert {i.node_id for i in infos} == {ray.get_runtime_context().get_node_id()}
-        assert {(i.gpu_ids, i.node_gpu_ids) for i in infos} == {((), ())}
+        assert {i.gpu_ids for i in infos} == {()}
         assert group.master_addr == infos[0].node_ip
         assert 0 < group.master_port < 65536
 
@@ -127,7 +137,7 @@ def test_ranks_are_grouped_by_node_then_gpu_id():
     assert [r.rank for _, r in ranked] == [0, 1, 2, 3]
     assert [r.local_rank for _, r in ranked] == [0, 1, 0, 1]
     assert [r.node_ip for _, r in ranked] == ["10.0.0.2", "10.0.0.2", "10.0.0.1", "10.0.0.1"]
-    assert [r.node_gpu_ids for _, r in ranked] == [("0", "1"), ("0", "1"), ("9", "10"), ("9", "10")]
+    assert [r.gpu_ids for _, r in ranked] == [("0",), ("1",), ("9",), ("10",)]
     assert {(r.world_size, r.local_world_size) for _, r in ranked} == {(4, 2)}
 
 
@@ -166,15 +176,15 @@ def test_start_times_out_while_others_hold_the_resources():
 
 def test_worker_that_fails_in_init_fails_the_start():
     with pytest.raises(WorkerGroupStartError, match="(?s)'broken' failed to start.*RuntimeError: no config given"):
-        WorkerGroup.create(BrokenInit, 2, name="broken", cpus_per_worker=0.5, use_gpu=False, start_timeout_s=30)
+        WorkerGroup.create(BrokenInit, 2, name="broken", cpus_per_worker=0.5, start_timeout_s=30)
     assert not pending_placement_groups()
 
 
 def test_create_checks_its_arguments():
     with pytest.raises(TypeError, match="subclass of WorkerBase"):
-        WorkerGroup.create(object, 1, name="x", cpus_per_worker=1, use_gpu=False, start_timeout_s=5)
+        WorkerGroup.create(object, 1, name="x", cpus_per_worker=1, start_timeout_s=5)
     with pytest.raises(TypeError, match="plain class"):
-        WorkerGroup.create(ray.remote(Probe), 1, name="x", cpus_per_worker=1, use_gpu=False, start_timeout_s=5)
+        WorkerGroup.create(ray.remote(Probe), 1, name="x", cpus_per_worker=1, start_timeout_s=5)
     with pytest.raises(ValueError, match="no resources per worker"):
         make_group(1, "x", cpus=0)
 
@@ -237,6 +247,9 @@ def test_shutdown_kills_busy_workers_and_is_idempotent():
 def test_init_torch_distributed_with_gloo():
     with make_group(2, "stage 0") as group:
         group.execute("init_torch_distributed", group.master_addr, group.master_port, "gloo", 60)
+        # The store listens on the node's cluster address only (issue 14), through the port rank 0 held open.
+        assert listening_addresses(group.master_port) == {group.master_addr}
         assert group.execute("env", "LOCAL_RANK") == ["0", "1"]
         assert group.execute("env", "MASTER_PORT") == [str(group.master_port)] * 2
         assert group.execute_per_rank("all_reduce", [(1.0,), (2.0,)]) == [3.0, 3.0]
+        assert group.execute("collective_timeout_s") == [60.0, 60.0]  # runtime.collective_timeout_s lands here

@@ -12,10 +12,13 @@ import torch.distributed as dist
 from lopt_dist.transport import (
     ActivationReceiver,
     ActivationSender,
+    BoundaryGroup,
+    BoundaryLayout,
     ChannelStats,
     create_boundary_group,
     destroy_boundary_group,
     find_free_port,
+    warm_up,
 )
 
 KEYS = ("hidden_states", "attention_mask", "position_ids", "labels")
@@ -35,18 +38,19 @@ def make_payload(micro_batch: int, dtype: torch.dtype = torch.float32) -> dict[s
     }
 
 
-def join_all(peers: list, name: str) -> None:
-    """Build one boundary group over `peers` (their list index is their boundary rank)."""
+def join_all(peers: list, name: str) -> int:
+    """Build one boundary group over `peers` (their list index is their boundary rank); returns its port."""
     port = find_free_port()
     calls = [p.join.remote("127.0.0.1", port, rank, len(peers), name) for rank, p in enumerate(peers)]
     ray.get(calls, timeout=60)
+    return port
 
 
 @ray.remote(num_cpus=0)
 class BoundaryPeer:
     def __init__(self) -> None:
         torch.set_num_threads(1)  # two cores serve all the peers
-        self._groups: dict[str, dist.ProcessGroup] = {}
+        self._groups: dict[str, BoundaryGroup] = {}
         self._unflushed: ActivationSender | None = None
 
     def init_default_group(self, port: int) -> None:
@@ -63,11 +67,15 @@ class BoundaryPeer:
             "initialized": True,
             "world_size": dist.get_world_size(),
             "all_reduce": total.item(),
-            "boundary_groups_registered": sum(g in groups for g in self._groups.values()),
+            "boundary_groups_registered": sum(g.pg in groups for g in self._groups.values()),
         }
 
-    def join(self, host: str, port: int, rank: int, world_size: int, name: str) -> None:
-        self._groups[name] = create_boundary_group(host, port, rank, world_size, "gloo", TIMEOUT, name=name)
+    def join(self, host: str, port: int, rank: int, world_size: int, name: str, backend: str = "gloo") -> None:
+        self._groups[name] = create_boundary_group(host, port, rank, world_size, backend, TIMEOUT, name=name,
+                                                   device=torch.device("cpu"), bind_host=host)
+
+    def warm_up(self, name: str, senders: int, receivers: int) -> list[int]:
+        return warm_up(self._groups[name], BoundaryLayout(senders=senders, receivers=receivers), torch.device("cpu"))
 
     def leave(self, name: str) -> None:
         destroy_boundary_group(self._groups.pop(name))

@@ -1,12 +1,13 @@
-"""The boundary group lives beside a worker's default group, or without one, and never becomes it."""
+"""The boundary group lives beside a worker's default group, or without one, and never becomes it; its members
+check each other before any backend starts."""
 
 import datetime
 
 import pytest
 import ray
-import torch
 
-from lopt_dist.transport import create_boundary_group, find_free_port, pick_backend
+from lopt_dist.transport import create_boundary_group, find_free_port
+from lopt_dist.transport.boundary_group import members_problem
 
 from peers import BoundaryPeer, join_all
 
@@ -53,6 +54,20 @@ def test_bad_arguments_fail_before_any_rendezvous():
         create_boundary_group("127.0.0.1", 1, 0, 2, "mpi", datetime.timedelta(seconds=1))
     with pytest.raises(ValueError, match="rank 2"):
         create_boundary_group("127.0.0.1", 1, 2, 2, "gloo", datetime.timedelta(seconds=1))
-    with pytest.raises(ValueError, match="transport"):
-        pick_backend("tcp")
-    assert pick_backend("auto") == ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def test_members_that_disagree_fail_naming_the_transports(pair):
+    port = find_free_port()
+    joins = [pair[0].join.remote("127.0.0.1", port, 0, 2, "split", "gloo"),
+             pair[1].join.remote("127.0.0.1", port, 1, 2, "split", "nccl")]
+    for join in joins:
+        with pytest.raises(ray.exceptions.RayTaskError, match="different transports .*rank 0: gloo; rank 1: nccl"):
+            ray.get(join, timeout=60)
+
+
+def test_members_check_rules():
+    gpu = [{"backend": "nccl", "device": "cuda:GPU-a"}, {"backend": "nccl", "device": "cuda:GPU-b"}]
+    assert members_problem(gpu) is None
+    assert members_problem([{"backend": "gloo", "device": "cuda:GPU-a"}] * 2) is None  # staged through host memory
+    assert "ranks [0, 1] share one GPU" in members_problem([gpu[0], gpu[0]])
+    assert "ranks [1] are not on a GPU" in members_problem([gpu[0], {"backend": "nccl", "device": "cpu"}])

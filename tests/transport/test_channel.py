@@ -7,6 +7,7 @@ import torch
 from lopt_dist.transport import BoundaryLayout, ChannelError, step_micro_batches
 
 from peers import BoundaryPeer, join_all, make_payload
+from tests.listening import listening_addresses
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +92,12 @@ def test_receiver_refuses_a_message_it_did_not_expect(peers):
     a.send_all.remote("misrouted", [(5, 1)], 1, flush=False)
     with pytest.raises(ChannelError, match="expected micro-batch 4"):
         ray.get(b.recv_all.remote("misrouted", [(4, 0)]), timeout=60)
+
+
+def test_store_listens_on_the_given_address_only_and_warm_up_greets_routed_peers(peers):
+    # 2 senders -> 1 receiver: both senders greet the receiver (rank 2), which greets them in order.
+    port = join_all(peers[:3], "warm")
+    assert listening_addresses(port) == {"127.0.0.1"}  # not 0.0.0.0: nothing outside the address given
+    greeted = ray.get([p.warm_up.remote("warm", 2, 1) for p in peers[:3]], timeout=60)
+    assert greeted == [[2], [2], [0, 1]]
+    ray.get([p.leave.remote("warm") for p in peers[:3]], timeout=60)

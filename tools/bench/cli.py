@@ -41,6 +41,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, help="unmeasured steps first (default 1)")
     p.add_argument("--steps", type=int, help="measured steps (default 3)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: GPUs when Ray has them")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="bfloat16: mixed precision as train.dtype (rows e2e, lopt, lopt-dist; default float32)")
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU, when its name is not in "
+                                                     "tools/bench/flops.py's table")
     p.add_argument("--rows", help=f"comma-separated subset of {','.join(ROWS)} (default all)")
     p.add_argument("--schedules", help=f"pipeline schedules, from {','.join(SCHEDULES)} "
                                        "(default gpipe,1f1b,interleaved-1f1b,zbv)")
@@ -62,7 +66,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.model is not None:
         values.pop("model_overrides", None)  # the preset's sizes belong to the preset's model
     given = {k: v for k, v in vars(args).items()
-             if v is not None and k not in ("quick", "verbose", "model_set", "rows", "schedules", "boundaries")}
+             if v is not None and k not in ("quick", "verbose", "model_set", "rows", "schedules", "boundaries",
+                                            "peak_tflops")}
     values.update(given)
     if args.model_set:
         values["model_overrides"] = {**values.get("model_overrides", {}), **_key_values(args.model_set)}
@@ -91,7 +96,7 @@ def _integers(text: str, option: str) -> list[int]:
         raise BenchConfigError(f"{option}: expected comma-separated integers, got {text!r}") from None
 
 
-def benchmark(cfg: BenchConfig, verbose: bool) -> tuple[dict, list[Path]]:
+def benchmark(cfg: BenchConfig, verbose: bool, peak_tflops: float | None = None) -> tuple[dict, list[Path]]:
     """Run every row and write the outputs; returns the report and the files written."""
     import ray
 
@@ -100,7 +105,8 @@ def benchmark(cfg: BenchConfig, verbose: bool) -> tuple[dict, list[Path]]:
     from tools.bench.env import environment
     from tools.bench.models import prepare_model
     from tools.bench.report import build_report, write_json
-    from tools.bench.results import compare, predict, summarize_row
+    from tools.bench.flops import peak_bf16_tflops
+    from tools.bench.results import compare, fill_mfu, predict, summarize_row
     from tools.bench.runner import connect, run_all
 
     env = environment()
@@ -120,6 +126,8 @@ def benchmark(cfg: BenchConfig, verbose: bool) -> tuple[dict, list[Path]]:
     stages = next((run.stage_times for run in runs if run.row.kind == "stage-alone" and run.status == "ok"), [])
     prediction = predict(stages, cfg) if stages else None
     compare(rows, prediction)
+    if cluster.gpu and env["gpus"]:
+        fill_mfu(rows, cfg, model, peak_tflops or peak_bf16_tflops(env["gpus"][0]))
     report = build_report(cfg, model, cluster, env, rows, stages, prediction)
     out = Path(cfg.out_dir)
     write_json(report, out / JSON_NAME)
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         _progress(f"settings: {dataclasses.asdict(cfg)}")
-        report, written = benchmark(cfg, args.verbose)
+        report, written = benchmark(cfg, args.verbose, args.peak_tflops)
     except ConfigError as err:  # BenchConfigError included
         print(f"lopt-bench: error: {err}", file=sys.stderr)
         return 2

@@ -17,6 +17,8 @@ from lopt_dist.config import ConfigError
 
 # Rows in the order they run and are reported; "stage-alone" is the per-stage reference measurement.
 ROWS = ("e2e", "lopt", "stage-alone", "pp", "zero2", "lopt-dist")
+# Rows that train through lopt-dist's LocalTrainer / StageWorker and so honour train.dtype.
+BF16_ROWS = ("e2e", "lopt", "lopt-dist")
 # Schedules of torch.distributed.pipelining, by the name the CLI takes.
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zbv", "interleaved-zb")
 RANDOM_PREFIX = "random:"
@@ -46,6 +48,8 @@ class BenchConfig:
     warmup_steps: int = 1  # steps run but not measured
     steps: int = 3  # measured steps
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bfloat16: mixed precision as lopt-train's train.dtype; only the rows built on lopt-dist's trainers honour it
+    dtype: Literal["float32", "bfloat16"] = "float32"
     rows: list[str] = field(default_factory=lambda: list(ROWS))
     schedules: list[str] = field(default_factory=lambda: ["gpipe", "1f1b", "interleaved-1f1b", "zbv"])
     boundaries: list[int] | None = None  # layer cut of the pipelines; None: as even as the layers allow
@@ -75,6 +79,9 @@ class BenchConfig:
         _require(self.channel_depth >= 1, "--channel-depth", "must be >= 1")
         unknown = [r for r in self.rows if r not in ROWS]
         _require(not unknown and bool(self.rows), "--rows", f"{unknown or 'none'}: choose from {list(ROWS)}")
+        fp32_only = [r for r in self.rows if r not in BF16_ROWS]
+        _require(self.dtype == "float32" or not fp32_only, "--dtype",
+                 f"the {fp32_only} rows train in float32 only; give --rows {','.join(BF16_ROWS)} with bfloat16")
         unknown = [s for s in self.schedules if s not in SCHEDULES]
         _require(not unknown, "--schedules", f"unknown {unknown}: choose from {list(SCHEDULES)}")
         _require("pp" not in self.rows or bool(self.schedules), "--schedules", "give at least one for the pp rows")

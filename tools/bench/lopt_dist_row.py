@@ -13,7 +13,7 @@ import time
 from lopt_dist.config import ExperimentConfig
 from lopt_dist.pipeline.driver import PipelineDriver
 from lopt_dist.pipeline.stage_worker import StageWorker
-from lopt_dist.pipeline.worker_group import wait_all
+from lopt_dist.pipeline.futures import wait_all
 from tools.bench.config import BenchConfig
 from tools.bench.data import SyntheticBatches
 from tools.bench.experiment import experiment_config

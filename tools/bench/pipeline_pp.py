@@ -18,7 +18,7 @@ from torch.distributed import pipelining
 
 from lopt_dist.model import causal_lm_loss, split_model
 from lopt_dist.model.loading import load_causal_lm
-from lopt_dist.pipeline.worker_group import WorkerBase
+from lopt_dist.pipeline.worker import WorkerBase
 from lopt_dist.train.optim import build_optimizer
 from tools.bench.chunks import E2EChunk
 from tools.bench.config import BenchConfig

@@ -65,7 +65,7 @@ def _derived(cfg: BenchConfig, model: ModelInfo, cluster: Cluster) -> dict:
         "micro_batch_size": cfg.micro_batch_size,
         "tokens_per_step": cfg.tokens_per_step,
         "single_device_threads": cfg.single_device_threads,
-        "dtype": "float32",
+        "dtype": cfg.dtype,
         "mode": "gpu" if cluster.gpu else "cpu",
         "pipeline_boundaries": pipeline_boundaries(cfg, model) if model.num_layers >= cfg.workers else None,
         "schedule_layouts": {
@@ -86,6 +86,10 @@ def write_json(report: dict, path: Path) -> None:
 def format_report(report: dict) -> str:
     rows = report["rows"]
     parts = [_settings_line(report), "", _main_table(rows), "", _worker_table(rows)]
+    scored = [r for r in rows if r.get("mfu") is not None]
+    if scored:
+        parts += ["", f"MFU (model FLOPs per second over {scored[0]['peak_tflops']:g} dense bf16 TFLOP/s per GPU): "
+                  + ", ".join(f"{r['name']} {100 * r['mfu']:.1f}%" for r in scored)]
     if report["stages_alone"]:
         parts += ["", _stage_table(report), _prediction_lines(report)]
     trouble = [f"  {r['name']}: {r['status']}: {r['message']}" for r in rows if r["status"] != "ok"]

@@ -12,7 +12,9 @@ import statistics
 from dataclasses import dataclass, field
 
 from tools.bench.config import BenchConfig
+from tools.bench.flops import matmul_parameters, mfu, training_flops_per_token
 from tools.bench.measure import Event, WorkerRecord
+from tools.bench.models import ModelInfo
 from tools.bench.runner import RowRun
 from tools.bench.stage_alone import StageTimes
 
@@ -63,6 +65,8 @@ class RowSummary:
     vs_lopt_dist: dict[str, float | None] = field(default_factory=dict)
     predicted_tokens_per_s: float | None = None  # the bound its stages, timed alone, allow
     of_predicted: float | None = None
+    mfu: float | None = None  # GPU rows: model FLOPs per second over the peak of the GPUs used (flops.py)
+    peak_tflops: float | None = None  # that peak, per GPU
 
 
 def summarize_row(run: RowRun, cfg: BenchConfig) -> RowSummary:
@@ -155,3 +159,15 @@ def _bound_for(name: str, prediction: StagePrediction | None) -> float | None:
         return None
     return {REFERENCE_ROW: prediction.lopt_bound_tokens_per_s, "pp-gpipe": prediction.e2e_bound_tokens_per_s,
             "pp-1f1b": prediction.e2e_bound_tokens_per_s}.get(name)
+
+
+def fill_mfu(rows: list[RowSummary], cfg: BenchConfig, model: ModelInfo, peak_tflops: float | None) -> None:
+    """MFU of every measured GPU row (one GPU per worker); left None when the GPU's peak is unknown."""
+    if peak_tflops is None:
+        return
+    params = matmul_parameters(model.parameters, model.vocab_size, model.hidden_size, model.tied_embeddings)
+    per_token = training_flops_per_token(params, model.num_layers, model.hidden_size, cfg.seq_len)
+    for row in rows:
+        if row.status == "ok":
+            gpus = 1 if row.kind == "single-device" else row.workers
+            row.mfu, row.peak_tflops = mfu(row.tokens_per_s_median, per_token, peak_tflops, gpus), peak_tflops

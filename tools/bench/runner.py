@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 import ray
 
+from lopt_dist.device import cluster_uses_gpus
 from lopt_dist.pipeline.errors import WorkerFailedError, WorkerGroupError
-from lopt_dist.pipeline.worker_group import WorkerGroup, wait_all
+from lopt_dist.pipeline.futures import wait_all
+from lopt_dist.pipeline.group import WorkerGroup
 from tools.bench.config import BenchConfig, BenchConfigError
 from tools.bench.env import load_average
 from tools.bench.experiment import zero2_deepspeed_config
@@ -65,7 +67,7 @@ def connect(cfg: BenchConfig, verbose: bool) -> Cluster:
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     if cfg.device == "cuda" and gpus == 0:
         raise BenchConfigError("--device: 'cuda' was asked but the Ray cluster has no GPU; use auto or cpu")
-    gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+    gpu = cluster_uses_gpus(cfg.device, gpus)
     return Cluster(gpu=gpu, gpus=gpus, cpus=cpus, started_here=started)
 
 
@@ -112,7 +114,7 @@ def _run_row(row: PlannedRow, cfg: BenchConfig, model: ModelInfo, gpu: bool) -> 
 def _run_group(actor_cls: type, workers: int, row: PlannedRow, cpus: int, gpu: bool, init_args: tuple,
                distributed: bool = False) -> list:
     """Start `workers` actors, set them up (joining one process group when `distributed`), run, shut down."""
-    group = WorkerGroup.create(actor_cls, workers, name=row.name, cpus_per_worker=cpus, use_gpu=gpu,
+    group = WorkerGroup.create(actor_cls, workers, name=row.name, cpus_per_worker=cpus, gpus_per_worker=float(gpu),
                                init_args=init_args, start_timeout_s=START_TIMEOUT_S)
     try:
         args = (group.master_addr, group.master_port, "nccl" if gpu else "gloo") if distributed else ()

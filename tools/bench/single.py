@@ -11,7 +11,7 @@ import time
 import torch
 
 from lopt_dist.model.loading import load_causal_lm
-from lopt_dist.pipeline.worker_group import WorkerBase
+from lopt_dist.pipeline.worker import WorkerBase
 from lopt_dist.train.local import LocalTrainer
 from tools.bench.config import BenchConfig
 from tools.bench.data import SyntheticBatches

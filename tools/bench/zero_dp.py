@@ -17,7 +17,7 @@ from torch import nn
 
 from lopt_dist.model import causal_lm_loss
 from lopt_dist.model.loading import load_causal_lm
-from lopt_dist.pipeline.worker_group import WorkerBase
+from lopt_dist.pipeline.worker import WorkerBase
 from lopt_dist.train.optim import build_optimizer, build_scheduler
 from tools.bench.config import BenchConfig
 from tools.bench.data import SyntheticBatches

@@ -24,6 +24,9 @@ def train_parser() -> argparse.ArgumentParser:
                         help="override a config value, e.g. --set train.steps=20 (repeatable)")
     parser.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                         help="continue from the latest checkpoint of output_dir, or from a checkpoint directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an output_dir that holds checkpoints, deleting its checkpoints, metrics "
+                             "and model (without it such a run is refused)")
     return parser
 
 
@@ -33,6 +36,8 @@ def train_main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
+    if args.overwrite:
+        overrides.append("checkpoint.overwrite=true")
     try:
         cfg = load_config(args.config, overrides)
         from lopt_dist.run import train

@@ -7,17 +7,16 @@ import json
 import pytest
 import ray
 import torch
-from safetensors.torch import load_file
 
 from lopt_dist.config import ConfigError, load_config
 from lopt_dist.run import train
-from tests.conftest import REPO
+from tests.conftest import REPO, exported_weights
 from tools.export import main as export_main
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)  # never a cluster someone else runs here
     yield
     ray.shutdown()
 
@@ -48,7 +47,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
     for want, got in zip(straight.records[2:], second.records):
         assert got["task_loss"] == pytest.approx(want["task_loss"], rel=1e-6)
         assert got["recon_loss_0"] == pytest.approx(want["recon_loss_0"], rel=1e-6)
-    want, got = load_file(straight.model_dir / "model.safetensors"), load_file(second.model_dir / "model.safetensors")
+    want, got = exported_weights(straight.model_dir), exported_weights(second.model_dir)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -57,7 +56,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
 
     # lopt-export rebuilds the same model from the DeepSpeed checkpoint alone.
     assert export_main([str(out / "checkpoints" / "step_000004"), str(tmp_path / "exported")]) == 0
-    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    exported = exported_weights(tmp_path / "exported")
     for name in want:
         torch.testing.assert_close(exported[name], got[name], rtol=0, atol=0, msg=name)
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lopt_dist.checkpoint.files import CheckpointError, fsync_tree, os_errors_named
+from lopt_dist.checkpoint.export import write_stage
+from lopt_dist.checkpoint.files import CheckpointError, os_errors_named
 from lopt_dist.checkpoint.rng import load_rng, save_rng
 from lopt_dist.checkpoint.safe_load import install_safe_checkpoint_engine
-from lopt_dist.checkpoint.export import write_stage
 from lopt_dist.checkpoint.safetensors_io import Shard
 from lopt_dist.checkpoint.tensor_manifest import ExportedTensor, exported_tensors, write_manifest
 
@@ -26,6 +26,8 @@ TAG = "state"
 
 
 def save_stage(engine, stage_dir: Path, rank: int, device: torch.device) -> None:
+    """Every file is fsynced by the process that writes it (the safe engine saves DeepSpeed's files that way),
+    so it is on disk, not in this node's cache, before the driver commits; the driver syncs the directories."""
     install_safe_checkpoint_engine(engine)
     with os_errors_named(stage_dir):
         engine.save_checkpoint(str(stage_dir), tag=TAG)
@@ -34,7 +36,6 @@ def save_stage(engine, stage_dir: Path, rank: int, device: torch.device) -> None
             stage = engine.module
             tensors = [t for t, _ in exported_tensors(stage, stage.hf_name)]
             write_manifest(stage_dir, tensors, {"fp32_master_order": _master_order(engine)})
-        fsync_tree(stage_dir)  # before the driver commits, the files must be on disk, not in this node's cache
 
 
 def load_stage(engine, stage_dir: Path, rank: int, device: torch.device) -> None:
@@ -50,7 +51,8 @@ def load_stage(engine, stage_dir: Path, rank: int, device: torch.device) -> None
                               f"{str(err).splitlines()[0] if str(err) else 'no message'}); resume from another "
                               "checkpoint, with the group sizes and ZeRO stage it was written with") from err
     if loaded is None:
-        raise CheckpointError(f"{stage_dir / TAG} holds no DeepSpeed checkpoint for this worker; resume from another one")
+        raise CheckpointError(f"{stage_dir / TAG} holds no DeepSpeed checkpoint for this worker; "
+                              "resume from another one")
     load_rng(stage_dir / f"rng_rank{rank}.safetensors", device)
 
 

@@ -83,7 +83,8 @@ def finalize_export(directory: Path, shards: list[Shard], files: ModelFiles, dty
         for shard, name in zip(shards, names):
             (directory / shard.file).rename(directory / name)
             weight_map.update({tensor: name for tensor in shard.names})
-        index = {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {"metadata": {"total_size": sum(s.nbytes for s in shards)},
+                 "weight_map": dict(sorted(weight_map.items()))}
         write_text(directory / INDEX_FILE, json.dumps(index, indent=2))
         config.save_pretrained(directory)
         if files.generation_config is not None:

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace out_dir even if it holds files")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="dtype of the written weights (auto: the run's checkpoint.export_dtype)")
-    parser.add_argument("--shard-size", help="largest shard, e.g. 5GB (default: the run's checkpoint.export_shard_size)")
+    parser.add_argument("--shard-size",
+                        help="largest shard, e.g. 5GB (default: the run's checkpoint.export_shard_size)")
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, args.overwrite, args.dtype, args.shard_size)

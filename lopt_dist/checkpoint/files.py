@@ -1,7 +1,8 @@
 """File-system steps of checkpointing: durable writes, atomic replacement, removal that survives a kill.
 
-Every write goes through `open_for_write`, so an OS error (a full disk, a read-only mount, a quota) becomes a
-`CheckpointWriteError` that names the file and the cause instead of a library's internal message.
+Every write runs under `os_errors_named` (most through `open_for_write`), so an OS error (a full disk, a read-only
+mount, a quota) becomes a `CheckpointWriteError` that names the file and the cause instead of a library's internal
+message (torch.save given a path reports ENOSPC as "unexpected pos").
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ class CheckpointError(ConfigError):
 
 
 class CheckpointWriteError(CheckpointError):
-    def __init__(self, path: str | Path, err: OSError) -> None:
+    """An OS error while writing a checkpoint or an export. Built from the message alone, so that it survives
+    the trip from a Ray worker to the driver (Ray re-creates exceptions from their args)."""
+
+    @classmethod
+    def of(cls, path: str | Path, err: OSError) -> CheckpointWriteError:
         cause = os.strerror(err.errno) if err.errno else str(err)
         code = errno.errorcode.get(err.errno, "") if err.errno else ""
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -34,8 +39,7 @@ class CheckpointWriteError(CheckpointError):
             fix = "make it writable for this user (or choose another output_dir)"
         else:
             fix = "fix the file system problem and resume with --resume"
-        super().__init__(f"cannot write {path}: {cause}{f' ({code})' if code else ''}; {fix}")
-        self.path, self.errno = str(path), err.errno
+        return cls(f"cannot write {path}: {cause}{f' ({code})' if code else ''}; {fix}")
 
 
 @contextlib.contextmanager
@@ -46,7 +50,7 @@ def os_errors_named(path: str | Path) -> Iterator[None]:
     except CheckpointWriteError:
         raise
     except OSError as err:
-        raise CheckpointWriteError(getattr(err, "filename", None) or path, err) from err
+        raise CheckpointWriteError.of(getattr(err, "filename", None) or path, err) from err
 
 
 @contextlib.contextmanager
@@ -91,12 +95,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path, files: bool = True) -> None:
+    """fsync every directory under `root` (their entries) and, with `files`, every file."""
     with os_errors_named(root):
-        for path in sorted(root.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                with open(path, "rb") as fh:
-                    os.fsync(fh.fileno())
+        if files:
+            for path in sorted(root.rglob("*")):
+                if path.is_file() and not path.is_symlink():
+                    with open(path, "rb") as fh:
+                        os.fsync(fh.fileno())
         for directory in [root, *(p for p in root.rglob("*") if p.is_dir())]:
             fsync_dir(directory)
 

@@ -38,7 +38,8 @@ def load_module_state(stage_dir: Path, module: nn.Module, optimizer, scheduler) 
     try:
         module.load_state_dict(weights)
     except RuntimeError as err:
-        raise CheckpointError(f"{stage_dir / 'model.safetensors'} does not fit this model ({str(err).splitlines()[0]}); "
+        raise CheckpointError(f"{stage_dir / 'model.safetensors'} does not fit this model "
+                              f"({str(err).splitlines()[0]}); "
                               "resume with the model and boundaries the checkpoint was made with") from None
     # Optimizer state is loaded on the CPU; load_state_dict moves each entry to its parameter's device.
     state = load_tensors_file(stage_dir / "optimizer.pt")

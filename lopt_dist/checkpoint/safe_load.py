@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,10 @@ def load_tensors_file(path: str | Path, *, deepspeed: bool = False, mmap: bool =
 
 def _reason(path: Path, err: Exception) -> str:
     if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
-        # Name what was refused, not torch's advice to turn the check off.
-        lines = [ln for ln in str(err).splitlines() if "Unsupported global" in ln or "GLOBAL" in ln]
+        # Name what was refused, not torch's advice on how to allow it.
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         return "it holds Python objects other than tensors, which lopt-dist never unpickles" + (
-            f" ({lines[0].strip()})" if lines else "")
+            f" (refused: {refused.group(1)})" if refused else "")
     if not zipfile.is_zipfile(path):
         return "it is truncated or not a torch file"
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

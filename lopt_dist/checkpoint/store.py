@@ -25,6 +25,7 @@ from pathlib import Path
 from lopt_dist.checkpoint.files import (
     CheckpointWriteError,
     fsync_dir,
+    fsync_tree,
     os_errors_named,
     remove_tree,
     sweep_trash,
@@ -125,7 +126,7 @@ class CheckpointStore:
         try:
             files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
             write_text(staging / STATE_FILE, json.dumps({**state, "step": step, "files": files}, indent=2))
-            fsync_dir(staging)
+            fsync_tree(staging, files=False)  # the writers synced their files; make the entries durable too
             final = self.root / step_dir_name(step)
             with os_errors_named(final):
                 remove_tree(final)  # only after a rewind could the same step exist

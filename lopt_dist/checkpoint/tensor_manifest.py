@@ -33,7 +33,8 @@ class ExportedTensor:
         return TensorSpec(self.name, self.shape, export_dtype if self.dtype.is_floating_point else self.dtype)
 
 
-def exported_tensors(module: nn.Module, hf_name: Callable[[str], str | None]) -> list[tuple[ExportedTensor, torch.Tensor]]:
+def exported_tensors(module: nn.Module,
+                     hf_name: Callable[[str], str | None]) -> list[tuple[ExportedTensor, torch.Tensor]]:
     """(description, live tensor) for each exported entry of `module`'s state dict, in state-dict order.
 
     `keep_vars=True` hands out the parameters themselves, never copies; under ZeRO-3 they are still partitioned,

@@ -121,6 +121,40 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
                               "(or export) another checkpoint") from None
 
 
+class SafetensorsReader:
+    """Tensors of a safetensors file read one at a time with plain reads: no memory map, so reading a whole
+    stage this way never keeps more than the tensor being read in memory."""
+
+    _DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} is missing; resume from (or export) another checkpoint") from None
+        except (struct.error, ValueError) as err:
+            raise CheckpointError(f"{path} cannot be read ({err}); it is truncated or damaged") from None
+        header.pop("__metadata__", None)
+        self._entries = header
+        self._data_start = 8 + length
+
+    def __call__(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        with open(self.path, "rb") as fh:
+            fh.seek(self._data_start + begin)
+            if fh.readinto(buffer) != len(buffer):
+                raise CheckpointError(f"{self.path} is truncated (in {name}); use another checkpoint")
+        dtype = self._DTYPES[entry["dtype"]]
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+
+
 def plan_shards(specs: Iterable[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
     """Consecutive tensors grouped into shards of at most `max_bytes` (a larger tensor gets a shard alone)."""
     shards: list[list[TensorSpec]] = []

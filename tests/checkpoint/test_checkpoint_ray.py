@@ -32,7 +32,7 @@ from tests.checkpoint.test_safe_load import plant_pickle
 from tests.conftest import REPO, exported_weights
 from tools.export import main as export_main
 
-STEPS = 2
+STEPS = 1
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,8 +47,7 @@ def _overrides(model_dir, out, *extra, zero=(3, 0)) -> list[str]:
               {"workers": 1, "deepspeed_config": str(REPO / f"configs/deepspeed/zero{zero[1]}.json")}]
     return [f"model.name={model_dir}", f"output_dir={out}", "runtime.mode=ray", f"train.steps={STEPS}",
             "train.micro_batch_size=2", "train.micro_batches_per_step=2", "train.lr=2e-3", "data.builtin_samples=8",
-            "data.max_seq_length=160", "logging.progress=false", "checkpoint.save_every=1", "checkpoint.keep_last=3",
-            "checkpoint.export_shard_size=200KB", f"runtime.groups={groups}", *extra]
+            "data.max_seq_length=160", "logging.progress=false", "checkpoint.export_shard_size=200KB", f"runtime.groups={groups}", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -126,26 +125,26 @@ def test_lopt_export_writes_the_runs_own_model_and_never_overwrites_unasked(run,
 def _damage_state(ckpt: Path) -> str:
     text = (ckpt / "state.json").read_text()
     _replace(ckpt / "state.json", text[: len(text) // 2].encode())
-    return r"step_000002/state\.json is truncated or damaged .*; resume from another one with --resume DIR"
+    return r"step_000001/state\.json is truncated or damaged .*; no other checkpoint is there, so start the run again"
 
 
 def _truncate_stage_file(ckpt: Path) -> str:
     file = ckpt / "stage_1/state/mp_rank_00_model_states.pt"
     _replace(file, file.read_bytes()[:1000])
-    return (r"step_000002/stage_1/state/mp_rank_00_model_states\.pt is truncated or changed \(1000 bytes, "
-            r"committed with \d+\); resume from another one")
+    return (r"step_000001/stage_1/state/mp_rank_00_model_states\.pt is truncated or changed \(1000 bytes, "
+            r"committed with \d+\); no other checkpoint is there, so start the run again \(--overwrite\)")
 
 
 def _delete_stage_0(ckpt: Path) -> str:
     shutil.rmtree(ckpt / "stage_0")
-    return r"step_000002/stage_0/ is missing; the checkpoint is incomplete: resume from another one"
+    return r"step_000001/stage_0/ is missing; the checkpoint is incomplete: no other checkpoint is there"
 
 
 @pytest.mark.parametrize("damage", [_damage_state, _truncate_stage_file, _delete_stage_0])
 def test_unusable_checkpoint_is_refused_in_one_line_before_workers_start(run, tmp_path, capsys, monkeypatch, damage):
     model_dir, result = run
     out = _linked_copy(result.output_dir, tmp_path / "damaged")
-    expected = damage(out / "checkpoints" / "step_000002")
+    expected = damage(out / "checkpoints" / "step_000001")
     monkeypatch.setattr(PipelineDriver, "start", _no_workers)
     args = [a for o in _overrides(model_dir, out) for a in ("--set", o)]
     assert train_main([*args, "--resume"]) == 2
@@ -188,14 +187,14 @@ def test_a_used_output_dir_is_refused_without_resume_or_overwrite(run, monkeypat
     args = [a for o in _overrides(model_dir, result.output_dir) for a in ("--set", o)]
     assert train_main(args) == 2
     err = capsys.readouterr().err
-    assert "already holds checkpoints of a run (newest: step_000002); continue it with --resume" in err
+    assert "already holds checkpoints of a run (newest: step_000001); continue it with --resume" in err
     assert "--overwrite" in err
 
 
 def test_planted_pickle_does_not_run_on_resume(run, tmp_path):
     model_dir, result = run
     out = _linked_copy(result.output_dir, tmp_path / "planted")
-    ckpt = out / "checkpoints" / "step_000002"
+    ckpt = out / "checkpoints" / "step_000001"
     marker = tmp_path / "pwned"
     target = ckpt / "stage_1/state/mp_rank_00_model_states.pt"
     target.unlink()

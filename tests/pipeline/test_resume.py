@@ -54,7 +54,8 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 3]  # no step twice
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000003", "step_000004"]
+    # step_000003 belonged to the abandoned continuation: deleted at the resume, not mixed with the new one.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000002", "step_000004"]
 
     # lopt-export rebuilds the same model from the DeepSpeed checkpoint alone.
     assert export_main([str(out / "checkpoints" / "step_000004"), str(tmp_path / "exported")]) == 0

@@ -7,7 +7,7 @@
     ckpt.abort()                           # after a failure: staging directories are not checkpoints
     ckpt.export(write_shards)              # the final model, written by the stages, joined here
 
-A retry loop (issue 12) needs no more than `latest_point()` (the newest committed checkpoint, checked as a
+A retry loop needs no more than `latest_point()` (the newest committed checkpoint, checked as a
 resume) and `rewind(step)` (drop later checkpoints; truncate metrics with `MetricsLog.truncate`).
 """
 

@@ -107,3 +107,15 @@ def test_planted_pickle_does_not_run_on_local_resume(run, tmp_path):
     with pytest.raises(CheckpointError, match=r"stage_0/optimizer\.pt cannot be read: it holds Python objects"):
         train(load_config(None, _overrides(model_dir, out, "checkpoint.resume=latest", "train.steps=3")))
     assert not marker.exists()
+
+
+def test_latest_point_is_the_newest_checkpoint_checked_for_this_run(run, tmp_path):
+    # What an automatic retry loop loads: the newest committed checkpoint, with every resume check applied.
+    model_dir, result = run
+    out = _linked_copy(result.output_dir, tmp_path / "retry")
+    checkpoints = RunCheckpoints(load_config(None, _overrides(model_dir, out, "train.steps=4")), num_layers=4)
+    point = checkpoints.latest_point()
+    assert point.step == 2 and point.path == out / "checkpoints" / "step_000002"
+    (point.path / "stage_1" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"step_000002/stage_1/model\.safetensors is missing"):
+        checkpoints.latest_point()

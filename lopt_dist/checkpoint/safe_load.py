@@ -22,7 +22,8 @@ from lopt_dist.checkpoint.files import CheckpointError, open_for_write
 
 
 def deepspeed_safe_globals() -> list[type]:
-    """The non-torch types that DeepSpeed 0.16-0.19 pickles into ZeRO optimizer states (measured: 0.19.8)."""
+    """The non-torch types DeepSpeed pickles into its checkpoint files (listed with torch.serialization.
+    get_unsafe_globals_in_checkpoint on ZeRO 0-3 checkpoints, fp32 and bf16, of DeepSpeed 0.19.8)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

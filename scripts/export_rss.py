@@ -53,7 +53,8 @@ _CHILD = """
 import resource, sys, time
 from pathlib import Path
 from lopt_dist.checkpoint.export_checkpoint import main
-status = lambda f: next(int(l.split()[1]) for l in Path('/proc/self/status').read_text().splitlines() if l.startswith(f))
+lines = lambda: Path('/proc/self/status').read_text().splitlines()
+status = lambda f: next(int(l.split()[1]) for l in lines() if l.startswith(f))
 before, start = status('VmRSS:'), time.perf_counter()
 assert main(sys.argv[1:]) == 0
 print('FIGURES', before / 1024, status('VmHWM:') / 1024, time.perf_counter() - start)

@@ -47,7 +47,8 @@ def _overrides(model_dir, out, *extra, zero=(3, 0)) -> list[str]:
               {"workers": 1, "deepspeed_config": str(REPO / f"configs/deepspeed/zero{zero[1]}.json")}]
     return [f"model.name={model_dir}", f"output_dir={out}", "runtime.mode=ray", f"train.steps={STEPS}",
             "train.micro_batch_size=2", "train.micro_batches_per_step=2", "train.lr=2e-3", "data.builtin_samples=8",
-            "data.max_seq_length=160", "logging.progress=false", "checkpoint.export_shard_size=200KB", f"runtime.groups={groups}", *extra]
+            "data.max_seq_length=160", "logging.progress=false", "checkpoint.export_shard_size=200KB",
+            f"runtime.groups={groups}", *extra]
 
 
 @pytest.fixture(scope="module")

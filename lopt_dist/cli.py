@@ -29,6 +29,9 @@ def train_parser() -> argparse.ArgumentParser:
                         help="continue from the latest checkpoint of output_dir, or from a checkpoint directory")
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of an error too, not only its one-line message")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an output_dir that holds checkpoints, deleting its checkpoints, metrics "
+                             "and model (without it such a run is refused)")
     return parser
 
 
@@ -40,6 +43,8 @@ def train_main(argv: list[str] | None = None) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     from lopt_dist.pipeline.errors import WorkerGroupError
 
+    if args.overwrite:
+        overrides.append("checkpoint.overwrite=true")
     try:
         cfg = load_config(args.config, overrides)
         from lopt_dist.run import train

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -159,12 +160,31 @@ class RuntimeConfig:
         _require(self.collective_timeout_s > 0, "runtime.collective_timeout_s", "must be > 0")
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: int | str) -> int | None:
+    """Bytes from an integer or a string such as '5GB' (powers of 10) or '2GiB' (powers of 2); None if invalid."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    if match is None or match.group(2).lower() not in _SIZE_UNITS:
+        return None
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
 @dataclass(kw_only=True)
 class CheckpointConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     keep_last: int = 2
     resume: str | None = None  # "latest" or a checkpoint directory
+    # Start over in an output_dir that holds checkpoints, deleting them (lopt-train --overwrite). Without it such
+    # a run is refused, so two runs never mix their checkpoints and metrics.
+    overwrite: bool = False
     export: bool = True  # write a Hugging Face model at the end
+    export_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: train.dtype (from the fp32 masters)
+    export_shard_size: int | str = "5GB"  # largest safetensors shard of the export: bytes, or "500MB", "2GiB"
     # End this invocation after this many steps in all (with a checkpoint), e.g. for time-limited allocations;
     # resume later with --resume. None: train to train.steps.
     stop_after: int | None = None
@@ -173,6 +193,15 @@ class CheckpointConfig:
         _require(self.save_every >= 0, "checkpoint.save_every", "must be >= 0")
         _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         _require(self.stop_after is None or self.stop_after >= 1, "checkpoint.stop_after", "must be >= 1 or null")
+        _require(not (self.overwrite and self.resume), "checkpoint.overwrite",
+                 "cannot be combined with checkpoint.resume: --resume continues the run, --overwrite deletes it")
+        size = parse_size(self.export_shard_size)
+        _require(size is not None and size >= 1, "checkpoint.export_shard_size",
+                 f"expected a number of bytes or a size such as '5GB' or '500MiB', got {self.export_shard_size!r}")
+
+    @property
+    def export_shard_bytes(self) -> int:
+        return parse_size(self.export_shard_size)
 
 
 @dataclass(kw_only=True)

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from lopt_dist.checkpoint import Checkpoints, read_state
+from lopt_dist.checkpoint import RunCheckpoints
+from lopt_dist.checkpoint.export import write_weights
+from lopt_dist.checkpoint.safetensors_io import Shard
 from lopt_dist.config import ExperimentConfig
 from lopt_dist.device import local_device
-from lopt_dist.model.export import export_model
 from lopt_dist.model.loading import load_model_config, load_tokenizer
 from lopt_dist.preflight import prepare
 from lopt_dist.telemetry.memory import step_peak_bytes
@@ -39,13 +40,9 @@ def train(cfg: ExperimentConfig) -> RunResult:
     cfg = prepare(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpoints(out / "checkpoints", cfg.checkpoint.keep_last)
-    checkpoints.remove_stale()
-    start_step, resume_from = 0, None
-    if cfg.checkpoint.resume:
-        resume_from = checkpoints.resolve(cfg.checkpoint.resume)
-        start_step = read_state(resume_from, cfg)["step"]
-
+    checkpoints = RunCheckpoints(cfg, load_model_config(cfg.model.name).num_hidden_layers)
+    resume = checkpoints.open()  # before any worker starts: a bad checkpoint or a used output_dir fails here
+    start_step = resume.step if resume is not None else 0
     end_step = min(cfg.train.steps, cfg.checkpoint.stop_after or cfg.train.steps)
 
     def checkpoint_at(done: int) -> Path | None:
@@ -56,11 +53,11 @@ def train(cfg: ExperimentConfig) -> RunResult:
 
     runner = _LocalRunner(cfg) if cfg.runtime.mode == "local" else _RayRunner(cfg)
     records, last_checkpoint, model_dir = [], None, None
-    metrics = MetricsLog(out / "metrics.jsonl", append=start_step > 0)
+    metrics = MetricsLog(out / "metrics.jsonl", start_step)  # a resumed run drops the records it will redo
     tensorboard = TensorBoardLog(out / "tensorboard", start_step) if cfg.logging.tensorboard else None
     progress = Progress(cfg, start_step)
     try:
-        runner.start(resume_from)
+        runner.start(resume.path if resume is not None else None)
         for record, staged in runner.steps(start_step, end_step, checkpoint_at):
             metrics.write(record)
             if tensorboard is not None:
@@ -68,16 +65,16 @@ def train(cfg: ExperimentConfig) -> RunResult:
             progress.update(record)
             records.append(record)
             if staged is not None:
-                last_checkpoint = checkpoints.commit(staged, record["step"] + 1, cfg)
+                last_checkpoint = checkpoints.commit(staged, record["step"] + 1)
         if cfg.checkpoint.export and end_step == cfg.train.steps:
-            model_dir = export_model(runner.stage_weights(), load_model_config(cfg.model.name),
-                                     load_tokenizer(cfg.model.name), out / "model")
+            model_dir = checkpoints.export(runner.export_shards)
     finally:
         progress.close()
         metrics.close()
         if tensorboard is not None:
             tensorboard.close()
         runner.close()
+        checkpoints.abort()  # staging directories left by a failure are not checkpoints
     return RunResult(out, records, last_checkpoint, model_dir)
 
 
@@ -111,8 +108,9 @@ class _LocalRunner:
                 self.trainer.save_state(staged)
             yield record, staged
 
-    def stage_weights(self) -> list[dict[str, torch.Tensor]]:
-        return self.trainer.stage_weights()
+    def export_shards(self, directory: Path, max_bytes: int, dtype: torch.dtype) -> list[Shard]:
+        """The same shard writer as the workers', over the trainer's fp32 weights, one stage at a time."""
+        return write_weights(directory, self.trainer.stage_weights(), max_bytes, dtype)
 
     def close(self) -> None:
         pass
@@ -139,8 +137,8 @@ class _RayRunner:
             yield summarize_step(report, self.cfg, now - last), report.checkpoint
             last = now
 
-    def stage_weights(self) -> list[dict[str, torch.Tensor]]:
-        return self.driver.stage_weights()
+    def export_shards(self, directory: Path, max_bytes: int, dtype: torch.dtype) -> list[Shard]:
+        return self.driver.export_shards(directory, max_bytes, dtype)
 
     def close(self) -> None:
         if self.driver is not None:

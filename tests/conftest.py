@@ -12,6 +12,20 @@ from lopt_dist.model.tiny import save_tiny_model
 REPO = Path(__file__).resolve().parents[1]
 
 
+def exported_weights(model_dir: Path) -> dict:
+    """Every tensor of an exported model directory, whatever its shards (the index lists them)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    index = json.loads((Path(model_dir) / "model.safetensors.index.json").read_text())
+    weights = {}
+    for file in sorted(set(index["weight_map"].values())):
+        weights.update(load_file(Path(model_dir) / file))
+    assert weights.keys() == index["weight_map"].keys()
+    return weights
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     return load_tokenizer("smollm2-135m")

@@ -134,19 +134,19 @@ class Stage(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.glue.logits(self.head, self.norm(hidden))
 
+    def hf_name(self, key: str) -> str | None:
+        """The full model's name of this stage's state-dict entry `key`; None for what export drops (the decoder)."""
+        embed_name, layers_name, norm_name, head_name = self.names
+        attr, _, rest = key.partition(".")
+        if attr == "layers":
+            local, _, tail = rest.partition(".")
+            return f"{layers_name}.{self.layer_range[0] + int(local)}.{tail}"
+        prefix = {"embed": embed_name, "norm": norm_name, "head": head_name}.get(attr)
+        return f"{prefix}.{rest}" if prefix is not None else None
+
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """This stage's weights under the full model's parameter names (decoder left out)."""
-        embed_name, layers_name, norm_name, head_name = self.names
-        out = {}
-        owned = [("layers", None), ("embed", embed_name), ("norm", norm_name), ("head", head_name)]
-        for key, value in self.state_dict().items():
-            attr, _, rest = key.partition(".")
-            if attr == "layers":
-                local, _, tail = rest.partition(".")
-                out[f"{layers_name}.{self.layer_range[0] + int(local)}.{tail}"] = value
-            elif attr in dict(owned):
-                out[f"{dict(owned)[attr]}.{rest}"] = value
-        return out
+        return {name: value for key, value in self.state_dict().items() if (name := self.hf_name(key)) is not None}
 
 
 def _untied_head(parts: DecoderParts) -> nn.Linear:

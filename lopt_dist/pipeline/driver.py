@@ -22,6 +22,7 @@ import ray
 import torch
 from ray.exceptions import AuthenticationError
 
+from lopt_dist.checkpoint.safetensors_io import Shard
 from lopt_dist.config import ConfigError, ExperimentConfig
 from lopt_dist.device import Slot, boundary_backend, cluster_uses_gpus, device_views, group_backend
 from lopt_dist.pipeline.deepspeed_engine import deepspeed_config
@@ -230,7 +231,17 @@ class PipelineDriver:
     def load_checkpoint(self, directory: str) -> None:
         wait_all(self._all("load_checkpoint", directory))
 
+    def export_shards(self, directory: Path, max_bytes: int, dtype: torch.dtype) -> list[Shard]:
+        """Every stage writes its part of the final model into `directory`; their shards' metadata, stage by stage.
+
+        The weights stay in the workers: only names and sizes come back here.
+        """
+        results = wait_all(self._all("export_shards", str(directory), max_bytes, dtype))
+        return [shard for shards in results.values() if shards is not None for shard in shards]
+
     def stage_weights(self) -> list[dict[str, torch.Tensor]]:
+        """Every stage's fp32 weights, gathered here (tests and small models only: the run exports with
+        `export_shards`)."""
         results = wait_all(self._all("stage_weights"))
         return [w for w in results.values() if w is not None]
 

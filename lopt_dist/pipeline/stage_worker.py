@@ -9,13 +9,14 @@ ever comes back from the next stage.
 from __future__ import annotations
 
 import datetime
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from lopt_dist.checkpoint.deepspeed_state import export_stage, load_stage, save_stage, stage_weights
+from lopt_dist.checkpoint.safetensors_io import Shard
 from lopt_dist.config import ExperimentConfig
 from lopt_dist.model import BOUNDARY_KEYS, split_model
 from lopt_dist.model.loading import load_causal_lm
@@ -184,46 +185,25 @@ class StageWorker(WorkerBase):
         src = self.in_layout.sender_rank(self.in_layout.producer(m))
         return self.receiver.recv(src, m)
 
-    # ---- checkpoints and export ----
+    # ---- checkpoints and export (lopt_dist/checkpoint/deepspeed_state.py; each call is collective) ----
 
     def save_checkpoint(self, directory: str) -> None:
-        """This stage's DeepSpeed checkpoint (a collective over the group) plus this rank's RNG states."""
+        """This stage's DeepSpeed state plus this rank's RNG states, into `directory`/stage_<i>."""
         if self.sender is not None:
             self.sender.flush()
-        path = Path(directory) / f"stage_{self.stage_index}"
-        self.engine.save_checkpoint(str(path), tag="state")
-        torch.save(_rng_state(), path / f"rng_rank{self.rank_info.rank}.pt")
+        save_stage(self.engine, Path(directory) / f"stage_{self.stage_index}", self.rank_info.rank, self.device)
 
     def load_checkpoint(self, directory: str) -> None:
-        path = Path(directory) / f"stage_{self.stage_index}"
-        loaded, _ = self.engine.load_checkpoint(str(path), tag="state")
-        if loaded is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint for stage {self.stage_index} in {path}")
-        _set_rng_state(torch.load(path / f"rng_rank{self.rank_info.rank}.pt", weights_only=False))
+        load_stage(self.engine, Path(directory) / f"stage_{self.stage_index}", self.rank_info.rank, self.device)
+
+    def export_shards(self, directory: str, max_bytes: int, dtype: torch.dtype) -> list[Shard] | None:
+        """This stage's part of the final model as safetensors shards in `directory`; their metadata on rank 0."""
+        return export_stage(self.engine, Path(directory), self.stage_index, self.rank_info.rank == 0, max_bytes, dtype)
 
     def stage_weights(self) -> dict[str, torch.Tensor] | None:
-        """Full weights of this stage under the model's names, on rank 0 (every rank must call: ZeRO-3 gathers)."""
-        import deepspeed
-
-        stage = self.engine.module
-        with deepspeed.zero.GatheredParameters(list(stage.parameters()), modifier_rank=None):
-            weights = {k: v.detach().cpu().clone() for k, v in stage.hf_state_dict().items()}
-        return weights if self.rank_info.rank == 0 else None
+        """This stage's fp32 master weights under the model's names, on rank 0 (one tensor gathered at a time)."""
+        return stage_weights(self.engine, self.rank_info.rank == 0)
 
     def close(self) -> None:
         if self.sender is not None:
             self.sender.flush()
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

@@ -18,6 +18,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from lopt_dist.checkpoint.local_state import (
+    load_module_state,
+    load_process_rng,
+    save_module_state,
+    save_process_rng,
+)
 from lopt_dist.config import ExperimentConfig
 from lopt_dist.model import Stage, causal_lm_loss, split_model
 from lopt_dist.model.glue import router_aux_loss_coef
@@ -146,20 +152,17 @@ class LocalTrainer:
         return [task.detach().float()], router
 
     def save_state(self, directory: Path) -> None:
-        """Weights, optimizer and schedule of every stage, and the step, into a staged checkpoint directory."""
+        """Weights, optimizer and schedule of every stage, and the RNG states, into a staged checkpoint directory
+        (layout: lopt_dist/checkpoint/local_state.py)."""
         for i, t in enumerate(self.trainables):
-            path = directory / f"stage_{i}"
-            path.mkdir(parents=True, exist_ok=True)
-            torch.save({"module": t.module.state_dict(), "optimizer": t.optimizer.state_dict(),
-                        "scheduler": t.scheduler.state_dict(), "rng": torch.get_rng_state()}, path / "state.pt")
+            hf_name = self.stages[i].hf_name if self.is_lopt else _same_name
+            save_module_state(directory / f"stage_{i}", t.module, t.optimizer, t.scheduler, hf_name)
+        save_process_rng(directory, self.device)
 
     def load_state(self, directory: Path) -> None:
         for i, t in enumerate(self.trainables):
-            state = torch.load(directory / f"stage_{i}" / "state.pt", map_location=self.device, weights_only=False)
-            t.module.load_state_dict(state["module"])
-            t.optimizer.load_state_dict(state["optimizer"])
-            t.scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
+            load_module_state(directory / f"stage_{i}", t.module, t.optimizer, t.scheduler)
+        load_process_rng(directory, self.device)
         self.step = json.loads((directory / "state.json").read_text())["step"]
 
     def memory(self) -> dict[str, int]:
@@ -170,3 +173,7 @@ class LocalTrainer:
         if self.is_lopt:
             return [s.hf_state_dict() for s in self.stages]
         return [self.model.state_dict()]
+
+
+def _same_name(key: str) -> str:
+    return key  # e2e trains the whole model: its state-dict keys are the model's names

@@ -9,11 +9,10 @@ from __future__ import annotations
 import pytest
 import ray
 import torch
-from safetensors.torch import load_file
 
 from lopt_dist.config import load_config
 from lopt_dist.run import train
-from tests.conftest import REPO
+from tests.conftest import REPO, exported_weights
 
 STEPS = 3
 RTOL = 1e-5
@@ -26,7 +25,7 @@ WEIGHT_ATOL = 5e-6
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)  # never a cluster someone else runs here
     yield
     ray.shutdown()
 
@@ -48,8 +47,8 @@ def _assert_same_run(reference, result):
     for ref, got in zip(reference.records, result.records, strict=True):
         for key in [k for k in ref if k == "task_loss" or k.startswith(("recon_loss_", "router_aux_loss_"))]:
             assert got[key] == pytest.approx(ref[key], rel=RTOL), (ref["step"], key)
-    want = load_file(reference.model_dir / "model.safetensors")
-    have = load_file(result.model_dir / "model.safetensors")
+    want = exported_weights(reference.model_dir)
+    have = exported_weights(result.model_dir)
     assert want.keys() == have.keys()
     for name, tensor in want.items():
         torch.testing.assert_close(have[name], tensor, rtol=RTOL, atol=WEIGHT_ATOL, msg=lambda m, n=name: f"{n}: {m}")

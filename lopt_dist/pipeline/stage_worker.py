@@ -8,6 +8,7 @@ ever comes back from the next stage.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import random
 import time
@@ -17,11 +18,12 @@ from pathlib import Path
 import torch
 
 from lopt_dist.config import ExperimentConfig
-from lopt_dist.model import BOUNDARY_KEYS, split_model
-from lopt_dist.model.loading import load_causal_lm
-from lopt_dist.pipeline.deepspeed_engine import build_engine
+from lopt_dist.model import BOUNDARY_KEYS
+from lopt_dist.model.stage_loader import LoadReport, load_stage
+from lopt_dist.pipeline.deepspeed_engine import build_engine, zero3_partitioner
 from lopt_dist.pipeline.worker_group import WorkerBase
 from lopt_dist.telemetry.memory import memory_snapshot, reset_peak
+from lopt_dist.train.precision import run_dtype
 from lopt_dist.transport import ActivationReceiver, ActivationSender, BoundaryLayout, create_boundary_group
 
 
@@ -60,6 +62,7 @@ class StageWorker(WorkerBase):
         self.num_stages = len(cfg.runtime.groups)
         self.group = cfg.runtime.groups[stage_index]
         self.engine = None
+        self.load_report: LoadReport | None = None
         self.sender: ActivationSender | None = None
         self.receiver: ActivationReceiver | None = None
         self.batches = None
@@ -78,16 +81,14 @@ class StageWorker(WorkerBase):
         device = self.claim_device(self.group.threads_per_worker)
         self.init_torch_distributed(master_addr, master_port, "nccl" if device.type == "cuda" else "gloo")
         torch.manual_seed(self.cfg.train.seed)
-        model = load_causal_lm(self.cfg.model.name, attn_implementation=self.cfg.model.attn_implementation)
-        [stage] = split_model(model, self.cfg.model.boundaries, self.cfg.train.lambda_aux, self.cfg.train.seed,
-                              only=self.stage_index)
-        del model
-        self.engine = build_engine(stage.to(device), self.cfg, self.stage_index, ds_config)
+        partition = zero3_partitioner(ds_config, run_dtype(self.cfg.train))
+        stage, self.load_report = load_stage(self.cfg, self.stage_index, device, partition)
+        self.engine = build_engine(stage, self.cfg, self.stage_index, ds_config)
         self.device = device
         if self.stage_index == 0:
             self._build_data()
         self._join_boundaries(boundaries, backend)
-        return sum(p.numel() for p in stage.parameters())
+        return self.load_report.parameters
 
     def _build_data(self) -> None:
         from lopt_dist.data import MicroBatches, build_examples
@@ -164,6 +165,17 @@ class StageWorker(WorkerBase):
             return {k: v.to(self.device) for k, v in self.batches.get(m).items()}
         src = self.in_layout.sender_rank(self.in_layout.producer(m))
         return self.receiver.recv(src, m)
+
+    def residency(self) -> dict:
+        """What this worker holds of its stage: parameter elements resident here against the stage's, and
+        how it was loaded (`LoadReport`). Under ZeRO-3 a worker keeps only its partition of each parameter."""
+        resident = 0
+        for param in self.engine.module.parameters():
+            resident += param.data.numel()  # under ZeRO-3 empty, unless gathered
+            partition = getattr(param, "ds_tensor", None)
+            resident += partition.numel() if partition is not None else 0
+        return {"resident_elements": resident, "stage_elements": self.load_report.parameters,
+                "load": dataclasses.asdict(self.load_report)}
 
     # ---- checkpoints and export ----
 

@@ -3,12 +3,12 @@
 For `lopt` each micro-batch runs through the stages one at a time: a stage's forward, its own backward, then
 its activations are freed and only the detached boundary goes on. Peak activation memory is therefore that of
 the largest stage, not of the whole model. Optimizer steps happen after the step's last micro-batch, stage
-by stage, exactly as each stage's worker group does it in the distributed pipeline.
+by stage, exactly as each stage's worker group does it in the distributed pipeline. Under bf16 the trainer
+follows the mixed-precision policy of `train/precision.py`, as the DeepSpeed workers do.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -22,6 +22,7 @@ from lopt_dist.config import ExperimentConfig
 from lopt_dist.model import Stage, causal_lm_loss, split_model
 from lopt_dist.telemetry.memory import memory_snapshot, reset_peak
 from lopt_dist.train.optim import build_optimizer, build_scheduler, stage_lr
+from lopt_dist.train.precision import MasterWeights, run_dtype
 
 
 @dataclass
@@ -42,20 +43,43 @@ class StepResult:
 
 
 class _Trainable:
-    """A module with its optimizer, schedule and clipping: one stage, or the whole model for e2e."""
+    """A module with its optimizer, schedule and clipping: one stage, or the whole model for e2e.
+
+    Under bf16 the optimizer steps float32 masters (`precision.MasterWeights`) and the module keeps bf16
+    parameters; under float32 it steps the module itself.
+    """
 
     def __init__(self, module: nn.Module, lr: float, cfg: ExperimentConfig) -> None:
         self.module = module
-        self.optimizer = build_optimizer(module, lr, cfg.train.weight_decay)
+        self.masters = MasterWeights(module) if run_dtype(cfg.train) == torch.bfloat16 else None
+        self.optimizer = build_optimizer(self.weights, lr, cfg.train.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.grad_clip = cfg.train.grad_clip
 
+    @property
+    def weights(self) -> nn.Module:
+        """The module whose values are the trained weights: the float32 masters under bf16."""
+        return self.masters.master if self.masters is not None else self.module
+
+    def after_backward(self) -> None:
+        if self.masters is not None:
+            self.masters.accumulate()
+
     def step(self) -> None:
-        if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            self.masters.step(self.optimizer, self.grad_clip)
+        else:
+            if self.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        if self.masters is not None:
+            self.masters.load_master_state(state)
+        else:
+            self.module.load_state_dict(state)
 
 
 class LocalTrainer:
@@ -75,11 +99,6 @@ class LocalTrainer:
             self.model = model.to(device).train()
             self.trainables = [_Trainable(self.model, cfg.train.lr, cfg)]
 
-    def _autocast(self):
-        if self.cfg.train.dtype == "bfloat16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def train_step(self) -> StepResult:
         reset_peak(self.device)
         start = time.perf_counter()
@@ -88,8 +107,7 @@ class LocalTrainer:
         for j in range(per_step):
             batch = {k: v.to(self.device) for k, v in self.batches.get(self.step * per_step + j).items()}
             tokens += int(batch["attention_mask"].sum())
-            with self._autocast():
-                micro_task, micro_recon = (self._lopt_micro if self.is_lopt else self._e2e_micro)(batch)
+            micro_task, micro_recon = (self._lopt_micro if self.is_lopt else self._e2e_micro)(batch)
             task += micro_task / per_step
             if micro_recon is not None:
                 recon = [r / per_step + (recon[i] if recon else 0.0) for i, r in enumerate(micro_recon)]
@@ -105,9 +123,10 @@ class LocalTrainer:
         per_step = self.cfg.train.micro_batches_per_step
         recon = []
         inputs = batch
-        for stage in self.stages:
+        for stage, trainable in zip(self.stages, self.trainables):
             out = stage(inputs)
             (out.loss / per_step).backward()
+            trainable.after_backward()
             if stage.is_last:
                 return float(out.metric), recon
             recon.append(float(out.metric))
@@ -119,6 +138,7 @@ class LocalTrainer:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = causal_lm_loss(logits, batch["labels"])
         (loss / self.cfg.train.micro_batches_per_step).backward()
+        self.trainables[0].after_backward()
         return float(loss.detach()), None
 
     def save_state(self, directory: Path) -> None:
@@ -126,13 +146,13 @@ class LocalTrainer:
         for i, t in enumerate(self.trainables):
             path = directory / f"stage_{i}"
             path.mkdir(parents=True, exist_ok=True)
-            torch.save({"module": t.module.state_dict(), "optimizer": t.optimizer.state_dict(),
+            torch.save({"module": t.weights.state_dict(), "optimizer": t.optimizer.state_dict(),
                         "scheduler": t.scheduler.state_dict(), "rng": torch.get_rng_state()}, path / "state.pt")
 
     def load_state(self, directory: Path) -> None:
         for i, t in enumerate(self.trainables):
             state = torch.load(directory / f"stage_{i}" / "state.pt", map_location=self.device, weights_only=False)
-            t.module.load_state_dict(state["module"])
+            t.load_weights(state["module"])
             t.optimizer.load_state_dict(state["optimizer"])
             t.scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
@@ -142,7 +162,5 @@ class LocalTrainer:
         return memory_snapshot(self.device)
 
     def stage_weights(self) -> list[dict[str, torch.Tensor]]:
-        """Weights for export, under the full model's names."""
-        if self.is_lopt:
-            return [s.hf_state_dict() for s in self.stages]
-        return [self.model.state_dict()]
+        """Weights for export, under the full model's names: the float32 master values under bf16."""
+        return [t.weights.hf_state_dict() if self.is_lopt else t.weights.state_dict() for t in self.trainables]

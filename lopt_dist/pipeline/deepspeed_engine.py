@@ -92,6 +92,9 @@ def zero3_partitioner(ds_config: dict[str, Any], dtype: torch.dtype) -> Callable
         return None
     import deepspeed
 
+    # zero.Init reads the group's size from deepspeed.comm, which deepspeed.initialize would set up only later.
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
+
     def partition(module: nn.Module) -> None:
         deepspeed.zero.Init(module=module, config_dict_or_path=ds_config, dtype=dtype)
 

@@ -19,6 +19,7 @@ from lopt_dist.config import ConfigError, ExperimentConfig
 from lopt_dist.model.export import export_model
 from lopt_dist.model.loading import load_model_config, load_tokenizer
 from lopt_dist.model.stages import resolve_boundaries
+from lopt_dist.model.weights import check_readable
 from lopt_dist.telemetry.memory import step_peak_bytes
 from lopt_dist.telemetry.metrics import MetricsLog, TensorBoardLog
 from lopt_dist.telemetry.progress import Progress
@@ -44,6 +45,8 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name: cannot load a model config from {cfg.model.name!r}: {err}") from None
     resolve_boundaries(cfg.model.boundaries, hf_config.num_hidden_layers)
+    if cfg.runtime.mode == "ray":
+        check_readable(cfg.model.name)  # stage workers read safetensors only: say so before they start
     # A directory the user named becomes absolute; an alias or hub id stays, so each node resolves it locally.
     local = Path(cfg.model.name)
     model = dataclasses.replace(cfg.model, name=str(local.resolve()) if local.is_dir() else cfg.model.name)

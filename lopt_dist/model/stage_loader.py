@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from lopt_dist.config import ExperimentConfig
 from lopt_dist.model.stages import Stage, split_model
 from lopt_dist.model.weights import WeightFiles
+from lopt_dist.telemetry.memory import current_rss_bytes, peak_rss_bytes
 from lopt_dist.train.precision import run_dtype
 
 
@@ -34,6 +35,8 @@ class LoadReport:
     bytes_read: int
     parameters: int  # elements of the stage's parameters, decoder included (all ranks together)
     parameter_bytes: int
+    rss_after_load: int  # host RSS of this process once the stage is loaded
+    peak_rss_after_load: int  # its high-water mark then (since start, or since the last `reset_peak`)
 
 
 def load_stage(
@@ -56,7 +59,7 @@ def load_stage(
     stage.train()
     numel = sum(getattr(p, "ds_numel", p.numel()) for p in stage.parameters())
     report = LoadReport(list(files.tensors_read), list(files.files_opened), files.bytes_read, numel,
-                        numel * torch.finfo(dtype).bits // 8)
+                        numel * torch.finfo(dtype).bits // 8, current_rss_bytes(), peak_rss_bytes())
     return stage, report
 
 

@@ -127,6 +127,12 @@ class WeightFiles:
                 "and set model.name to OUT_DIR")
 
 
+def check_readable(name: str) -> None:
+    """Before any worker starts: a local checkpoint (or an alias's converted one) must have safetensors files."""
+    if Path(resolve_model_path(name)).is_dir():
+        WeightFiles(name)
+
+
 def _safe_open(path: Path):
     try:
         handle = safe_open(str(path), framework="pt", device="cpu", backend="pread")

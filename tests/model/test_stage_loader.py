@@ -15,6 +15,7 @@ from lopt_dist.model import weights as weights_module
 from lopt_dist.model.stage_loader import empty_model, load_stage, materialise
 from lopt_dist.model.tiny import tiny_config
 from lopt_dist.model.weights import INDEX_FILE, WeightFiles
+from lopt_dist.run import prepare
 
 VOCAB = 256
 CPU = torch.device("cpu")
@@ -129,8 +130,11 @@ def test_checkpoint_without_safetensors_names_the_fix(tmp_path):
     for file in model_dir.glob("*.safetensors*"):
         file.unlink()
     (model_dir / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"has no model\.safetensors or .*pytorch_model\.bin.*save_pretrained"):
+    message = r"model\.name: .* has no model\.safetensors or .*pytorch_model\.bin.*save_pretrained"
+    with pytest.raises(ConfigError, match=message):
         load_stage(_cfg(model_dir), 0, CPU)
+    with pytest.raises(ConfigError, match=message):  # a Ray run refuses it before any worker starts
+        prepare(load_config(None, [f"model.name={model_dir}", "runtime.mode=ray"]))
 
 
 def test_checkpoint_missing_a_tensor_names_it(tmp_path):

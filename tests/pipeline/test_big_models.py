@@ -5,16 +5,17 @@ updates to bf16 tolerance.
 The bf16 tolerance, measured here (3 steps, 1+1 and 2+2 workers, ZeRO-0/2/3):
 - step 0 losses agree to 1e-4 (measured: identical). Nothing has been updated yet: both paths run the same bf16
   weights through the same kernels.
-- later losses agree to 1e-3 relative (measured: at most 1.6e-4). From the first update on, the paths round
+- later losses agree to 5e-4 relative (measured: at most 1.6e-4). From the first update on, the paths round
   differently: DeepSpeed keeps parameters in flat buffers (another memory alignment, so a bf16 GEMM can round a
   last bit differently) and reduces gradients in bf16 across workers; a bf16 weight that lands one rounding
   step (2^-8 relative) away moves a mean loss by about 1e-4.
-- final weights, per matrix: the distance between the two runs' weights is at most 3 % of the distance the
-  weights moved in training (measured: at most 1.8 %; two DeepSpeed runs with different ZeRO stages differ
-  from each other by the same 1.7 %, the noise floor of bf16 training here). Every element is within
-  2 x lr x steps: Adam's first update is +-lr whatever the gradient's size, so an element whose tiny gradient
-  changes sign under bf16 rounding moves the other way (measured: 2 x lr on single norm elements).
-A micro-batch's gradient counted twice (a bug this test caught) gives 6-11 % on the matrices.
+- final weights, per matrix: the distance between the two runs' weights is at most 5 % of the distance the
+  weights moved in training (measured: at most 2.5 %; two DeepSpeed runs with different ZeRO stages differ from
+  each other by up to 1.7 %, the noise floor of bf16 training here). Every element is within 2 x lr x steps:
+  Adam's first update is +-lr whatever the gradient's size, so an element whose tiny gradient changes sign
+  under bf16 rounding moves the other way (measured: 2 x lr, on single elements of norm weights).
+A micro-batch's gradient counted twice (a bug this test caught) gives 7 % on the median matrix, 21 % at most,
+and an 8e-4 loss difference by step 2.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from tests.conftest import REPO
 
 STEPS = 3
 LR = 2e-3
-STEP0_RTOL, LOSS_RTOL = 1e-4, 1e-3
-WEIGHT_REL = 0.03
+STEP0_RTOL, LOSS_RTOL = 1e-4, 5e-4
+WEIGHT_REL = 0.05
 
 
 @pytest.fixture(scope="module", autouse=True)

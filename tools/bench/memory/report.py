@@ -18,7 +18,8 @@ from lopt_dist.model.stages import split_model
 from tools.bench.memory.run import llama_config
 
 GIB = 2**30
-_FIGURES = (("setup", "setup_peak_rss"), ("engine", "rss_after_engine"), ("step", "step_peak"))
+_FIGURES = (("load", "load_peak_rss"), ("setup", "setup_peak_rss"), ("engine", "rss_after_engine"),
+            ("step", "step_peak"))
 
 
 def add_ratios(layout_result: dict, model_bytes: int) -> None:
@@ -26,7 +27,8 @@ def add_ratios(layout_result: dict, model_bytes: int) -> None:
     for w in layout_result["workers"]:
         base, owned = w["rss_before_setup"], w["owned_param_bytes"]
         for name, key in _FIGURES:
-            w[f"{name}_ratio"] = (w[key] - base) / owned
+            if key in w:
+                w[f"{name}_ratio"] = (w[key] - base) / owned
     export = layout_result["export"]
     export["model_bytes"] = model_bytes
     export["ratio"] = (export["driver_peak_rss"] - export["driver_rss_before"]) / model_bytes
@@ -60,7 +62,8 @@ def project(layouts: list[dict], size: str = "70b") -> dict:
             runtime = max(w["rss_before_setup"] for w in measured)
             row = {"stage": stage, "workers": workers, "owned_param_bytes": owned}
             for name, _ in _FIGURES:
-                row[name] = runtime + max(w[f"{name}_ratio"] for w in measured) * owned
+                if all(f"{name}_ratio" in w for w in measured):
+                    row[name] = runtime + max(w[f"{name}_ratio"] for w in measured) * owned
             rows.append(row)
         export = result["export"]
         out["layouts"].append({"layout": result["layout"], "workers": rows,
@@ -75,27 +78,34 @@ def markdown(report: dict) -> str:
              f"{s['micro_batch_size']} x {s['seq_len']} tokens per micro-batch; {report['machine']}.",
              f"Command: `{report['command']}`", ""]
     for result in report["layouts"]:
-        lines += [f"**{result['layout']}** (measured)", "",
-                  "| stage.worker | owns (params) | RSS before set-up | set-up peak | (peak - before) / owns "
-                  "| after engine | step peak | (step - before) / owns |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"**{result['layout']}** (measured; ratios: (figure - before set-up) / owns)", "",
+                  "| stage.worker | owns (params) | RSS before set-up | loading peak | ratio | set-up peak | ratio "
+                  "| after engine | step peak | ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for w in result["workers"]:
             lines.append(f"| {w['stage']}.{w['rank']} | {_gib(w['owned_param_bytes'])} | {_gib(w['rss_before_setup'])} "
-                         f"| {_gib(w['setup_peak_rss'])} | {w['setup_ratio']:.2f} | {_gib(w['rss_after_engine'])} "
-                         f"| {_gib(w['step_peak'])} | {w['step_ratio']:.2f} |")
+                         f"| {_figure(w, 'load_peak_rss', 'load')} | {_figure(w, 'setup_peak_rss', 'setup')} "
+                         f"| {_gib(w['rss_after_engine'])} | {_figure(w, 'step_peak', 'step')} |")
         e = result["export"]
         lines += ["", f"Driver during export: {_gib(e['driver_rss_before'])} before, {_gib(e['driver_peak_rss'])} "
                       f"peak ({e['ratio']:.2f} x the model's bytes above it).", ""]
     p = report["projection"]
     lines += [f"**{p['model']} (projected** from the ratios above; {_gib(p['model_bytes'])} of bf16 parameters)", "",
-              "| layout | stage | workers | owns per worker | set-up peak | after engine | step peak |",
-              "|---|---|---|---|---|---|---|"]
+              "| layout | stage | workers | owns per worker | loading peak | set-up peak | after engine | step peak |",
+              "|---|---|---|---|---|---|---|---|"]
     for result in p["layouts"]:
         for r in result["workers"]:
+            cells = " | ".join(_gib(r[name]) if name in r else "-" for name, _ in _FIGURES)
             lines.append(f"| {result['layout']} | {r['stage']} | {r['workers']} | {_gib(r['owned_param_bytes'])} "
-                         f"| {_gib(r['setup'])} | {_gib(r['engine'])} | {_gib(r['step'])} |")
-        lines.append(f"| {result['layout']} | driver export | | | {_gib(result['driver_export_peak'])} | | |")
+                         f"| {cells} |")
+        lines.append(f"| {result['layout']} | driver export | | | | {_gib(result['driver_export_peak'])} | | |")
     return "\n".join(lines) + "\n"
+
+
+def _figure(worker: dict, key: str, name: str) -> str:
+    if key not in worker:
+        return "- | -"
+    return f"{_gib(worker[key])} | {worker[f'{name}_ratio']:.2f}"
 
 
 def _gib(value: float) -> str:

@@ -33,6 +33,10 @@ class MemoryStageWorker(StageWorker):
     def setup(self, *args) -> int:
         self.figures["rss_before_setup"] = reset_peak(_CPU)
         result = super().setup(*args)
+        load = getattr(self, "load_report", None)  # None on code without stage-only loading (before/after runs)
+        if load is not None:
+            self.figures["load_peak_rss"] = load.peak_rss_after_load
+            self.figures["rss_after_load"] = load.rss_after_load
         self.figures["setup_peak_rss"] = peak_rss_bytes()
         self.figures["rss_after_engine"] = current_rss_bytes()
         if self.device.type == "cuda":

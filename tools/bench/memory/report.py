@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 from accelerate import init_empty_weights
+from transformers import AutoModelForCausalLM
 
-from lopt_dist.model.stage_loader import empty_model
 from lopt_dist.model.stages import split_model
 from tools.bench.memory.run import llama_config
 
@@ -34,15 +34,21 @@ def add_ratios(layout_result: dict, model_bytes: int) -> None:
     export["ratio"] = (export["driver_peak_rss"] - export["driver_rss_before"]) / model_bytes
 
 
+def empty_model(config):
+    """Parameters on the meta device: counted, never allocated."""
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+
+
 def model_parameter_bytes(size: str, bytes_per_param: int = 2) -> int:
     """Parameter bytes of the whole `size` Llama (what an exported checkpoint holds)."""
-    return sum(p.numel() for p in empty_model(llama_config(size), torch.bfloat16, "sdpa").parameters()) * bytes_per_param
+    return sum(p.numel() for p in empty_model(llama_config(size)).parameters()) * bytes_per_param
 
 
 def stage_parameter_bytes(size: str, stages: int, bytes_per_param: int = 2) -> list[int]:
     """Parameter bytes of each stage (decoders included) of the `size` Llama cut into `stages` even stages."""
     config = llama_config(size)
-    model = empty_model(config, torch.bfloat16, "sdpa")
+    model = empty_model(config)
     cuts = [config.num_hidden_layers * i // stages for i in range(1, stages)]
     with init_empty_weights(include_buffers=False):
         split = split_model(model, cuts, lambda_aux=1.0, seed=0)

@@ -37,8 +37,8 @@ class MemoryStageWorker(StageWorker):
         if load is not None:
             self.figures["load_peak_rss"] = load.peak_rss_after_load
             self.figures["rss_after_load"] = load.rss_after_load
-        self.figures["setup_peak_rss"] = peak_rss_bytes()
         self.figures["rss_after_engine"] = current_rss_bytes()
+        self.figures["setup_peak_rss"] = peak_rss_bytes()  # read second: a peak is never below what precedes it
         if self.device.type == "cuda":
             self.figures["setup_cuda_peak_allocated"] = torch.cuda.max_memory_allocated(self.device)
         return result

@@ -167,15 +167,13 @@ class StageWorker(WorkerBase):
         return self.receiver.recv(src, m)
 
     def residency(self) -> dict:
-        """What this worker holds of its stage: parameter elements resident here against the stage's, and
-        how it was loaded (`LoadReport`). Under ZeRO-3 a worker keeps only its partition of each parameter."""
-        resident = 0
-        for param in self.engine.module.parameters():
-            resident += param.data.numel()  # under ZeRO-3 empty, unless gathered
-            partition = getattr(param, "ds_tensor", None)
-            resident += partition.numel() if partition is not None else 0
-        return {"resident_elements": resident, "stage_elements": self.load_report.parameters,
-                "load": dataclasses.asdict(self.load_report)}
+        """What this worker holds of its stage's parameters: whole tensors (`held_elements`) and ZeRO-3
+        partitions (`partition_elements`), against the stage's size; and how it was loaded (`LoadReport`)."""
+        params = list(self.engine.module.parameters())
+        partitions = [p.ds_tensor for p in params if getattr(p, "ds_tensor", None) is not None]
+        return {"held_elements": sum(p.data.numel() for p in params),
+                "partition_elements": sum(t.numel() for t in partitions),
+                "stage_elements": self.load_report.parameters, "load": dataclasses.asdict(self.load_report)}
 
     # ---- checkpoints and export ----
 

@@ -11,7 +11,7 @@
 
 DeepSpeed gets it from `deepspeed_precision` (its bf16 mode with float32 `grad_accum_dtype`); the single-process
 trainer from `MasterWeights`, which follows the order of operations of DeepSpeed's BF16_Optimizer, so that a
-pipeline run and a single-process run make the same updates up to bf16 rounding (tests/pipeline/test_bf16.py).
+pipeline run and a single-process run make the same updates up to bf16 rounding (tests/pipeline/test_big_models.py).
 """
 
 from __future__ import annotations

@@ -137,6 +137,7 @@ def test_workers_load_only_their_stage_and_zero3_holds_a_partition(tiny_model_di
         for worker in workers:
             assert set(worker["load"]["tensors_read"]) == _stage_keys(model_dir, stage)
     whole = zero3[0]["stage_elements"]
-    for worker in zero3:  # half of each parameter (rounded up), nothing gathered
-        assert whole / 2 <= worker["resident_elements"] <= whole / 2 + 64
-    assert zero0[0]["resident_elements"] == zero0[0]["stage_elements"]
+    for worker in zero3:  # half of each parameter (rounded up), no whole tensor anywhere
+        assert worker["held_elements"] == 0
+        assert whole / 2 <= worker["partition_elements"] <= whole / 2 + 64
+    assert zero0[0]["held_elements"] == zero0[0]["stage_elements"] and zero0[0]["partition_elements"] == 0

@@ -19,7 +19,7 @@ def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("memory")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(CACHE_ENV, str(out / "cache"))  # the random model is saved here, not in the user's cache
-        ray.init(num_cpus=3, include_dashboard=False)
+        ray.init(address="local", num_cpus=3, include_dashboard=False)
         try:
             report = benchmark(Settings(size="tiny", layouts=(Layout.parse("1+2:zero3"),), steps=1,
                                         seq_len=16, out_dir=str(out)), "test")

@@ -55,8 +55,9 @@ def benchmark(settings: Settings, command: str) -> dict:
     model_bytes = model_parameter_bytes(settings.size)
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=max(os.cpu_count() or 1, _cpus_needed(settings)), include_dashboard=False,
-                 log_to_driver=False)
+        # "local": a new instance of our own, never a cluster someone else started on this machine.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, _cpus_needed(settings)),
+                 include_dashboard=False, log_to_driver=False)
     try:
         layouts = []
         for layout in settings.layouts:

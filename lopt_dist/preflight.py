@@ -24,6 +24,7 @@ from lopt_dist.data.sources import BUILTIN_PREFIX, is_local_file
 from lopt_dist.model.loading import load_model_config, load_tokenizer
 from lopt_dist.model.parts import ModelStructureError, find_parts
 from lopt_dist.model.selfcheck import check_family
+from lopt_dist.model.weights import check_readable
 from lopt_dist.model.stages import resolve_boundaries
 from lopt_dist.pipeline.deepspeed_engine import check_deepspeed_json, read_deepspeed_json
 
@@ -55,6 +56,8 @@ def check_model(cfg: ExperimentConfig) -> PretrainedConfig:
     boundaries = resolve_boundaries(cfg.model.boundaries, hf_config.num_hidden_layers)
     if cfg.train.method == "lopt":  # refuse a family whose split cannot be proven exact, from its config alone
         check_family(hf_config, boundaries, cfg.model.attn_implementation)
+    if cfg.runtime.mode == "ray":
+        check_readable(cfg.model.name)  # stage workers read safetensors only: say so before they start
     return hf_config
 
 

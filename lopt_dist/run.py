@@ -86,6 +86,7 @@ class _LocalRunner:
         from lopt_dist.data import MicroBatches, build_examples
         from lopt_dist.model.loading import load_causal_lm
         from lopt_dist.train.local import LocalTrainer
+        from lopt_dist.train.precision import run_dtype
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
@@ -93,7 +94,8 @@ class _LocalRunner:
         batches = MicroBatches(build_examples(cfg.data, tokenizer), cfg.train.micro_batch_size, cfg.data.shuffle,
                                cfg.data.seed, tokenizer.pad_token_id)
         device = local_device(cfg.runtime.device, torch.cuda.is_available())
-        model = load_causal_lm(cfg.model.name, attn_implementation=cfg.model.attn_implementation)
+        model = load_causal_lm(cfg.model.name, dtype=run_dtype(cfg.train),
+                               attn_implementation=cfg.model.attn_implementation)
         self.trainer = LocalTrainer(cfg, model, batches, device)
         if resume_from is not None:
             self.trainer.load_state(resume_from)

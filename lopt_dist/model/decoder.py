@@ -20,12 +20,19 @@ class ReconstructionDecoder(nn.Module):
         self.norm = nn.LayerNorm(hidden_size)
         self.up = nn.Linear(hidden_size, width)
         self.down = nn.Linear(width, hidden_size)
-        # Seeded on its own generator, so every process that builds this stage gets the same decoder.
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for linear in (self.up, self.down):
-                linear.weight.copy_(torch.randn(linear.weight.shape, generator=gen) * DECODER_INIT_STD)
-                linear.bias.zero_()
+        self.seed = seed
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The seeded start. On its own generator, so every process that builds this stage gets the same decoder."""
+        if self.up.weight.is_meta:
+            return  # an empty skeleton: the stage loader calls this again once the memory exists
+        self.norm.reset_parameters()
+        gen = torch.Generator().manual_seed(self.seed)
+        for linear in (self.up, self.down):
+            linear.weight.copy_(torch.randn(linear.weight.shape, generator=gen) * DECODER_INIT_STD)
+            linear.bias.zero_()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(self.norm(hidden))))

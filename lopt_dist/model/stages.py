@@ -9,7 +9,7 @@ never reach an earlier stage.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -24,8 +24,9 @@ BOUNDARY_KEYS = ("hidden_states", "attention_mask", "position_ids", "labels")
 IGNORE_INDEX = -100
 
 
-@dataclass
-class StageOutput:
+class StageOutput(NamedTuple):
+    # A tuple, so that DeepSpeed finds the loss among a forward's outputs and hooks its backward (a dataclass
+    # hides it: BF16_Optimizer then never clears a micro-batch's gradients and counts them again).
     loss: torch.Tensor  # what this stage backpropagates: lambda_aux * reconstruction, or the task loss
     metric: torch.Tensor  # detached, for logging: unweighted reconstruction MSE, or task cross-entropy
     boundary: dict[str, torch.Tensor] | None  # detached input of the next stage (None for the last)

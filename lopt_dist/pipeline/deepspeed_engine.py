@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import torch
+from torch import nn
 
 from lopt_dist.config import ConfigError, ExperimentConfig, GroupConfig
 from lopt_dist.model import Stage
 from lopt_dist.train.optim import build_optimizer, build_scheduler, stage_lr
+from lopt_dist.train.precision import deepspeed_precision, refuse_policy_contradictions
 
 logger = logging.getLogger(__name__)
 
@@ -39,22 +43,43 @@ def read_deepspeed_json(path: str, key: str) -> dict[str, Any]:
 
 
 def deepspeed_config(cfg: ExperimentConfig, group: GroupConfig, key: str) -> dict[str, Any]:
-    """The group's JSON, completed with the experiment's batch, clipping and dtype settings."""
+    """The group's JSON, completed with the experiment's batch and clipping settings and the precision policy."""
     ds = read_deepspeed_json(group.deepspeed_config, key)
     check_deepspeed_json(ds, cfg, group, key)
     ds.update(_experiment_values(cfg, group))
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.dtype == "bfloat16"}
-    if "fp16" in ds:
-        ds["fp16"] = {**ds["fp16"], "enabled": False}
     # Our optimizer is torch's AdamW, which DeepSpeed has not certified for every ZeRO stage.
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 10**9)
-    zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
+    zero_stage = zero_stage_of(ds)
     if group.workers == 1 and zero_stage > 0:
         logger.warning("%s: ZeRO stage %d on a one-worker group shards nothing but still costs time and memory "
                        "(about 1.5x slower on CPU, docs/benchmarks.md); configs/deepspeed/zero0.json gives the "
                        "same updates", key, zero_stage)
-    return ds
+    return deepspeed_precision(ds, cfg.train, f"{key}: {group.deepspeed_config}")
+
+
+def zero_stage_of(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def zero3_partitioner(ds_config: dict[str, Any], dtype: torch.dtype) -> Callable[[nn.Module], None] | None:
+    """Under ZeRO-3, what partitions a freshly filled module over the group (None for other stages).
+
+    `zero.Init(module=...)` broadcasts the module's parameters from rank 0 and keeps only this rank's slice of
+    each, so calling it on each unit right after filling it means no worker ever holds its whole stage;
+    `deepspeed.initialize` then finds the parameters already partitioned and leaves them so.
+    """
+    if zero_stage_of(ds_config) != 3:
+        return None
+    import deepspeed
+
+    # zero.Init reads the group's size from deepspeed.comm, which deepspeed.initialize would set up only later.
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
+
+    def partition(module: nn.Module) -> None:
+        deepspeed.zero.Init(module=module, config_dict_or_path=ds_config, dtype=dtype)
+
+    return partition
 
 
 def _experiment_values(cfg: ExperimentConfig, group: GroupConfig) -> dict[str, Any]:
@@ -124,6 +149,8 @@ def _check_precision(ds: dict[str, Any], cfg: ExperimentConfig, where: str) -> N
         if _section(ds, name, where).get("enabled", False) not in (False, "auto"):
             raise ConfigError(f"{where} enables {name}; use train.dtype=bfloat16 or float32 and remove "
                               f"{name}.enabled (lopt-dist trains in float32 or bfloat16 only)")
+    if dtype == "bfloat16":
+        refuse_policy_contradictions(ds, where)
 
 
 def _check_zero(ds: dict[str, Any], where: str) -> None:

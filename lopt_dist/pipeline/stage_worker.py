@@ -8,6 +8,7 @@ ever comes back from the next stage.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
 from dataclasses import dataclass, field
@@ -15,15 +16,16 @@ from pathlib import Path
 
 import torch
 
-from lopt_dist.checkpoint.deepspeed_state import export_stage, load_stage, save_stage, stage_weights
+from lopt_dist.checkpoint import deepspeed_state
 from lopt_dist.checkpoint.safetensors_io import Shard
 from lopt_dist.config import ExperimentConfig
-from lopt_dist.model import BOUNDARY_KEYS, split_model
-from lopt_dist.model.loading import load_causal_lm
-from lopt_dist.pipeline.deepspeed_engine import build_engine
+from lopt_dist.model import BOUNDARY_KEYS
+from lopt_dist.model.stage_loader import LoadReport, load_stage
+from lopt_dist.pipeline.deepspeed_engine import build_engine, zero3_partitioner
 from lopt_dist.pipeline.worker import WorkerBase
 from lopt_dist.telemetry.memory import memory_snapshot, reset_peak
 from lopt_dist.telemetry.timing import BusyClock
+from lopt_dist.train.precision import run_dtype
 from lopt_dist.transport import ActivationReceiver, ActivationSender, BoundaryLayout, create_boundary_group, warm_up
 
 
@@ -64,6 +66,7 @@ class StageWorker(WorkerBase):
         self.num_stages = len(cfg.runtime.groups)
         self.group = cfg.runtime.groups[stage_index]
         self.engine = None
+        self.load_report: LoadReport | None = None
         self.sender: ActivationSender | None = None
         self.receiver: ActivationReceiver | None = None
         self.batches = None
@@ -83,16 +86,14 @@ class StageWorker(WorkerBase):
         device = self.claim_device(self.group.threads_per_worker)
         self.init_torch_distributed(master_addr, master_port, backend, self.cfg.runtime.collective_timeout_s)
         torch.manual_seed(self.cfg.train.seed)
-        model = load_causal_lm(self.cfg.model.name, attn_implementation=self.cfg.model.attn_implementation)
-        [stage] = split_model(model, self.cfg.model.boundaries, self.cfg.train.lambda_aux, self.cfg.train.seed,
-                              only=self.stage_index)
-        del model
-        self.engine = build_engine(stage.to(device), self.cfg, self.stage_index, ds_config)
+        partition = zero3_partitioner(ds_config, run_dtype(self.cfg.train))
+        stage, self.load_report = load_stage(self.cfg, self.stage_index, device, partition)
+        self.engine = build_engine(stage, self.cfg, self.stage_index, ds_config)
         self.device = device
         if self.stage_index == 0:
             self._build_data()
         self._join_boundaries(boundaries)
-        return sum(p.numel() for p in stage.parameters())
+        return self.load_report.parameters
 
     def _build_data(self) -> None:
         from lopt_dist.data import MicroBatches, build_examples
@@ -185,24 +186,36 @@ class StageWorker(WorkerBase):
         src = self.in_layout.sender_rank(self.in_layout.producer(m))
         return self.receiver.recv(src, m)
 
+    def residency(self) -> dict:
+        """What this worker holds of its stage's parameters: whole tensors (`held_elements`) and ZeRO-3
+        partitions (`partition_elements`), against the stage's size; and how it was loaded (`LoadReport`)."""
+        params = list(self.engine.module.parameters())
+        partitions = [p.ds_tensor for p in params if getattr(p, "ds_tensor", None) is not None]
+        return {"held_elements": sum(p.data.numel() for p in params),
+                "partition_elements": sum(t.numel() for t in partitions),
+                "stage_elements": self.load_report.parameters, "load": dataclasses.asdict(self.load_report)}
+
     # ---- checkpoints and export (lopt_dist/checkpoint/deepspeed_state.py; each call is collective) ----
 
     def save_checkpoint(self, directory: str) -> None:
         """This stage's DeepSpeed state plus this rank's RNG states, into `directory`/stage_<i>."""
         if self.sender is not None:
             self.sender.flush()
-        save_stage(self.engine, Path(directory) / f"stage_{self.stage_index}", self.rank_info.rank, self.device)
+        path = Path(directory) / f"stage_{self.stage_index}"
+        deepspeed_state.save_stage(self.engine, path, self.rank_info.rank, self.device)
 
     def load_checkpoint(self, directory: str) -> None:
-        load_stage(self.engine, Path(directory) / f"stage_{self.stage_index}", self.rank_info.rank, self.device)
+        path = Path(directory) / f"stage_{self.stage_index}"
+        deepspeed_state.load_stage(self.engine, path, self.rank_info.rank, self.device)
 
     def export_shards(self, directory: str, max_bytes: int, dtype: torch.dtype) -> list[Shard] | None:
         """This stage's part of the final model as safetensors shards in `directory`; their metadata on rank 0."""
-        return export_stage(self.engine, Path(directory), self.stage_index, self.rank_info.rank == 0, max_bytes, dtype)
+        return deepspeed_state.export_stage(self.engine, Path(directory), self.stage_index, self.rank_info.rank == 0,
+                                            max_bytes, dtype)
 
     def stage_weights(self) -> dict[str, torch.Tensor] | None:
         """This stage's fp32 master weights under the model's names, on rank 0 (one tensor gathered at a time)."""
-        return stage_weights(self.engine, self.rank_info.rank == 0)
+        return deepspeed_state.stage_weights(self.engine, self.rank_info.rank == 0)
 
     def close(self) -> None:
         if self.sender is not None:

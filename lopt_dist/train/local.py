@@ -3,12 +3,12 @@
 For `lopt` each micro-batch runs through the stages one at a time: a stage's forward, its own backward, then
 its activations are freed and only the detached boundary goes on. Peak activation memory is therefore that of
 the largest stage, not of the whole model. Optimizer steps happen after the step's last micro-batch, stage
-by stage, exactly as each stage's worker group does it in the distributed pipeline.
+by stage, exactly as each stage's worker group does it in the distributed pipeline. Under bf16 the trainer
+follows the mixed-precision policy of `train/precision.py`, as the DeepSpeed workers do.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ from lopt_dist.model import Stage, causal_lm_loss, split_model
 from lopt_dist.model.glue import router_aux_loss_coef
 from lopt_dist.telemetry.memory import memory_snapshot, reset_peak
 from lopt_dist.train.optim import build_optimizer, build_scheduler, stage_lr
+from lopt_dist.train.precision import MasterWeights, run_dtype
 
 
 @dataclass
@@ -52,20 +53,42 @@ class StepResult:
 
 
 class _Trainable:
-    """A module with its optimizer, schedule and clipping: one stage, or the whole model for e2e."""
+    """A module with its optimizer, schedule and clipping: one stage, or the whole model for e2e.
+
+    Under bf16 the optimizer steps float32 masters (`precision.MasterWeights`) and the module keeps bf16
+    parameters; under float32 it steps the module itself.
+    """
 
     def __init__(self, module: nn.Module, lr: float, cfg: ExperimentConfig) -> None:
         self.module = module
-        self.optimizer = build_optimizer(module, lr, cfg.train.weight_decay)
+        self.masters = MasterWeights(module) if run_dtype(cfg.train) == torch.bfloat16 else None
+        self.optimizer = build_optimizer(self.weights, lr, cfg.train.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.grad_clip = cfg.train.grad_clip
 
+    @property
+    def weights(self) -> nn.Module:
+        """The module whose values are the trained weights: the float32 masters under bf16."""
+        return self.masters.master if self.masters is not None else self.module
+
+    def after_backward(self) -> None:
+        if self.masters is not None:
+            self.masters.accumulate()
+
     def step(self) -> None:
-        if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            self.masters.step(self.optimizer, self.grad_clip)
+        else:
+            if self.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+
+    def weights_loaded(self) -> None:
+        """After a checkpoint restored `weights` in place: under bf16, round the masters into the module."""
+        if self.masters is not None:
+            self.masters.copy_to_module()
 
 
 class LocalTrainer:
@@ -86,11 +109,6 @@ class LocalTrainer:
             self.router_coef = router_aux_loss_coef(model)
             self.trainables = [_Trainable(self.model, cfg.train.lr, cfg)]
 
-    def _autocast(self):
-        if self.cfg.train.dtype == "bfloat16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def train_step(self) -> StepResult:
         reset_peak(self.device)
         start = time.perf_counter()
@@ -103,8 +121,7 @@ class LocalTrainer:
         for j in range(per_step):
             batch = {k: v.to(self.device) for k, v in self.batches.get(self.step * per_step + j).items()}
             tokens += batch["attention_mask"].sum()
-            with self._autocast():
-                metrics, micro_router = (self._lopt_micro if self.is_lopt else self._e2e_micro)(batch)
+            metrics, micro_router = (self._lopt_micro if self.is_lopt else self._e2e_micro)(batch)
             losses += torch.stack(metrics).double() / per_step
             for i, value in micro_router.items():
                 router[i] = router.get(i, 0.0) + value.double() / per_step
@@ -127,9 +144,10 @@ class LocalTrainer:
         per_step = self.cfg.train.micro_batches_per_step
         metrics, router = [], {}
         inputs = batch
-        for stage in self.stages:
+        for stage, trainable in zip(self.stages, self.trainables):
             out = stage(inputs)
             (out.loss / per_step).backward()
+            trainable.after_backward()
             metrics.append(out.metric.detach().float())
             if out.router_aux is not None:
                 router[stage.index] = out.router_aux.detach().float()
@@ -149,6 +167,7 @@ class LocalTrainer:
             loss = task + self.router_coef * out.aux_loss
             router[0] = out.aux_loss.detach().float()
         (loss / self.cfg.train.micro_batches_per_step).backward()
+        self.trainables[0].after_backward()
         return [task.detach().float()], router
 
     def save_state(self, directory: Path) -> None:
@@ -156,12 +175,13 @@ class LocalTrainer:
         (layout: lopt_dist/checkpoint/local_state.py)."""
         for i, t in enumerate(self.trainables):
             hf_name = self.stages[i].hf_name if self.is_lopt else _same_name
-            save_module_state(directory / f"stage_{i}", t.module, t.optimizer, t.scheduler, hf_name)
+            save_module_state(directory / f"stage_{i}", t.weights, t.optimizer, t.scheduler, hf_name)
         save_process_rng(directory, self.device)
 
     def load_state(self, directory: Path) -> None:
         for i, t in enumerate(self.trainables):
-            load_module_state(directory / f"stage_{i}", t.module, t.optimizer, t.scheduler)
+            load_module_state(directory / f"stage_{i}", t.weights, t.optimizer, t.scheduler)
+            t.weights_loaded()
         load_process_rng(directory, self.device)
         self.step = json.loads((directory / "state.json").read_text())["step"]
 
@@ -169,10 +189,8 @@ class LocalTrainer:
         return memory_snapshot(self.device)
 
     def stage_weights(self) -> list[dict[str, torch.Tensor]]:
-        """Weights for export, under the full model's names."""
-        if self.is_lopt:
-            return [s.hf_state_dict() for s in self.stages]
-        return [self.model.state_dict()]
+        """Weights for export, under the full model's names: the float32 master values under bf16."""
+        return [t.weights.hf_state_dict() if self.is_lopt else t.weights.state_dict() for t in self.trainables]
 
 
 def _same_name(key: str) -> str:

@@ -22,7 +22,9 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for _, param in module.named_parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            # A ZeRO-3 parameter partitioned at construction holds an empty 1-D tensor; its shape is `ds_shape`.
+            shape = getattr(param, "ds_shape", param.shape)
+            (decay if len(shape) >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

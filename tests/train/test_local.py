@@ -40,9 +40,9 @@ def _trainer(method: str, *overrides: str, family: str = "llama") -> LocalTraine
     return LocalTrainer(cfg, model, RepeatedBatch(), torch.device("cpu"))
 
 
-@pytest.mark.parametrize("method", ["lopt", "e2e"])
-def test_losses_go_down_on_a_repeated_batch(method):
-    trainer = _trainer(method)
+@pytest.mark.parametrize(("method", "dtype"), [("lopt", "float32"), ("e2e", "float32"), ("lopt", "bfloat16")])
+def test_losses_go_down_on_a_repeated_batch(method, dtype):
+    trainer = _trainer(method, f"train.dtype={dtype}")
     results = [trainer.train_step() for _ in range(12)]
     assert results[-1].task_loss < 0.8 * results[0].task_loss
     if method == "lopt":
@@ -86,19 +86,39 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert all(a >= b for a, b in zip(values[2:], values[3:]))
 
 
-def test_saved_state_resumes_to_the_same_weights(tmp_path):
-    straight = _trainer("lopt")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_saved_state_resumes_to_the_same_weights(tmp_path, dtype):
+    straight = _trainer("lopt", f"train.dtype={dtype}")
     for _ in range(4):
         straight.train_step()
-    first = _trainer("lopt")
+    first = _trainer("lopt", f"train.dtype={dtype}")
     for _ in range(2):
         first.train_step()
     first.save_state(tmp_path)
     (tmp_path / "state.json").write_text(json.dumps({"step": 2}))
-    resumed = _trainer("lopt")
+    resumed = _trainer("lopt", f"train.dtype={dtype}")
     resumed.load_state(tmp_path)
     for _ in range(2):
         resumed.train_step()
     for want, got in zip(straight.stage_weights(), resumed.stage_weights()):
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("method", ["lopt", "e2e"])
+def test_bf16_trains_bf16_parameters_and_exports_the_fp32_masters(method):
+    trainer = _trainer(method, "train.dtype=bfloat16")
+    for _ in range(2):
+        trainer.train_step()
+    modules = trainer.stages if method == "lopt" else [trainer.model]
+    assert {p.dtype for m in modules for p in m.parameters()} == {torch.bfloat16}
+    exported = trainer.stage_weights()
+    live = [m.hf_state_dict() if method == "lopt" else m.state_dict() for m in modules]
+    for weights, params in zip(exported, live, strict=True):
+        assert weights.keys() == params.keys()
+        for name, value in weights.items():
+            if params[name].dtype == torch.bfloat16:  # a parameter (not a float32 buffer)
+                assert value.dtype == torch.float32, name
+                assert torch.equal(value.to(torch.bfloat16), params[name]), name  # params are the rounded masters
+    rounded = [v for w in exported for v in w.values() if v.dtype == torch.float32]
+    assert any(not torch.equal(v, v.to(torch.bfloat16).float()) for v in rounded)  # more precision than bf16

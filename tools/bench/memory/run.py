@@ -20,7 +20,7 @@ from lopt_dist.config import (
     CheckpointConfig, DataConfig, ExperimentConfig, GroupConfig, LoggingConfig, ModelConfig, RuntimeConfig,
     TrainConfig,
 )
-from lopt_dist.model.export import export_model
+from lopt_dist.checkpoint.export import DEFAULT_SHARD_BYTES, ModelFiles, export_to
 from lopt_dist.model.loading import build_once, cache_dir
 from lopt_dist.model.tiny import tiny_config
 from lopt_dist.pipeline.driver import PipelineDriver
@@ -147,10 +147,12 @@ def run_layout(settings: Settings, layout: Layout, model_dir: Path, progress) ->
 
 
 def measure_export(driver: PipelineDriver, model_dir: Path, out: Path) -> dict:
-    """The driver's peak RSS while exporting, through this branch's export path (the driver gathers every
-    stage's weights and writes the model)."""
+    """The driver's peak RSS while exporting, through the run's own export path: each stage's workers write
+    its bf16 shards, the driver only joins their metadata into the index, config and tokenizer."""
+    files = ModelFiles(AutoConfig.from_pretrained(model_dir), None)
     floor = reset_peak(torch.device("cpu"))
-    export_model(driver.stage_weights(), AutoConfig.from_pretrained(model_dir), None, out)
+    export_to(out, lambda directory: driver.export_shards(directory, DEFAULT_SHARD_BYTES, torch.bfloat16), files,
+              torch.bfloat16)
     peak = peak_rss_bytes()
     shutil.rmtree(out, ignore_errors=True)
     return {"driver_rss_before": floor, "driver_peak_rss": peak}

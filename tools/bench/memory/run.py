@@ -21,7 +21,7 @@ from lopt_dist.config import (
     TrainConfig,
 )
 from lopt_dist.checkpoint.export import DEFAULT_SHARD_BYTES, ModelFiles, export_to
-from lopt_dist.model.loading import build_once, cache_dir
+from lopt_dist.model.loading import build_once, cache_dir, load_tokenizer
 from lopt_dist.model.tiny import tiny_config
 from lopt_dist.pipeline.driver import PipelineDriver
 from lopt_dist.run import prepare
@@ -30,12 +30,13 @@ from tools.bench.memory.worker import MemoryStageWorker
 
 DEEPSPEED_DIR = Path(__file__).resolve().parents[3] / "configs" / "deepspeed"
 
-# Llama sizes by name: (hidden, layers, intermediate, heads, kv heads, vocab).
+# Llama sizes by name: (hidden, layers, intermediate, heads, kv heads, vocab). The vocabulary is the embedded
+# SmolLM2 tokenizer's, saved with each model, so a run passes the same pre-start checks as a user's.
 SIZES = {
-    "tiny": (64, 4, 128, 4, 2, 512),
-    "50m": (512, 8, 1536, 8, 4, 32000),
-    "125m": (768, 12, 2048, 12, 4, 32000),
-    "1b": (2048, 16, 5632, 16, 8, 32000),
+    "tiny": (64, 4, 128, 4, 2, 49152),
+    "50m": (512, 8, 1536, 8, 4, 49152),
+    "125m": (768, 12, 2048, 12, 4, 49152),
+    "1b": (2048, 16, 5632, 16, 8, 49152),
     "70b": (8192, 80, 28672, 64, 8, 128256),  # Llama-3-70B's shape, for the projection only
 }
 
@@ -102,6 +103,7 @@ def _save(config: dict, seed: int, out_dir: Path) -> None:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(LlamaConfig.from_dict(config), dtype=torch.bfloat16)
     model.save_pretrained(out_dir, max_shard_size="5GB")
+    load_tokenizer("smollm2-135m").save_pretrained(out_dir)
 
 
 def experiment(settings: Settings, layout: Layout, model_dir: Path) -> ExperimentConfig:

@@ -6,7 +6,10 @@ constructor, exactly as `from_pretrained` computes them. `split_model(..., only=
 then the stage is materialised one unit at a time (embedding, each decoder layer, final norm, LM head,
 reconstruction decoder): each unit's tensors are read from the checkpoint's safetensors in the run's dtype,
 straight onto the worker's device, and the unit is handed to `partition` (ZeRO-3 shards it at once) before
-the next one is read. Nothing outside the stage is ever read or allocated.
+the next one is read. Nothing outside the stage is ever read or allocated. Where transformers stores a family
+under other names or layouts than it has in memory (MoE experts one matrix per expert on disk, fused in
+memory), the `KeyPlan` made from the checkpoint's names says which keys make each tensor, and transformers'
+own conversion combines them (key_plan.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from lopt_dist.config import ExperimentConfig
+from lopt_dist.config import ConfigError, ExperimentConfig
+from lopt_dist.model.key_plan import KeyPlan
 from lopt_dist.model.stages import Stage, split_model
 from lopt_dist.model.weights import WeightFiles
 from lopt_dist.telemetry.memory import current_rss_bytes, peak_rss_bytes
@@ -50,10 +54,11 @@ def load_stage(
     files = WeightFiles(cfg.model.name)
     try:
         skeleton = empty_model(AutoConfig.from_pretrained(files.location), dtype, cfg.model.attn_implementation)
+        plan = KeyPlan(skeleton, files.weight_map, files.location)  # before any weight is read
         with init_empty_weights(include_buffers=False):  # the untied head and the decoder start empty too
             [stage] = split_model(skeleton, cfg.model.boundaries, cfg.train.lambda_aux, cfg.train.seed,
                                   only=stage_index)
-        materialise(stage, files, dtype, device, partition)
+        materialise(stage, plan, files, dtype, device, partition)
     finally:
         files.close()
     stage.train()
@@ -72,12 +77,14 @@ def empty_model(config: PretrainedConfig, dtype: torch.dtype, attn_implementatio
 
 def materialise(
     stage: Stage,
+    plan: KeyPlan,
     files: WeightFiles,
     dtype: torch.dtype,
     device: torch.device,
     partition: Callable[[nn.Module], None] | None = None,
 ) -> None:
-    """Fill the stage's parameters unit by unit from `files` (the decoder from its seed), on `device`."""
+    """Fill the stage's parameters unit by unit from `files` as `plan` says (the decoder from its seed), on
+    `device`."""
     for buffer_owner, name, buffer in _buffers(stage):
         buffer_owner._buffers[name] = buffer.to(device)  # dtype kept: rotary tables stay float32
     for unit, prefix in stage_units(stage):
@@ -86,22 +93,40 @@ def materialise(
             unit.reset_parameters()
             unit.to(dtype)
         else:
-            _fill(unit, prefix, stage, files, dtype, device)
+            _fill(unit, prefix, plan, files, dtype, device)
         if partition is not None:
             partition(unit)
 
 
-def _fill(unit: nn.Module, prefix: str, stage: Stage, files: WeightFiles, dtype: torch.dtype,
+def _fill(unit: nn.Module, prefix: str, plan: KeyPlan, files: WeightFiles, dtype: torch.dtype,
           device: torch.device) -> None:
+    made: dict[str, torch.Tensor] = {}  # tensors a conversion made for parameters of this unit not yet filled
     for name, param in list(unit.named_parameters()):
         owner, leaf = _owner(unit, name)
-        tensor = files.read(_checkpoint_key(stage, files, f"{prefix}.{name}"), dtype, device)
+        tensor = _take(f"{prefix}.{name}", made, plan, files, dtype, device)
+        if tensor.shape != param.shape:
+            raise ConfigError(f"model.name: {files.location}: tensor {prefix}.{name} has shape {list(tensor.shape)} "
+                              f"in the checkpoint, the model's config.json makes it {list(param.shape)}; the "
+                              "checkpoint does not match its config.json (re-save it with save_pretrained)")
         owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=param.requires_grad)
     # Persistent buffers the checkpoint holds (rare in these families) replace the constructed ones.
     for name, buffer in list(unit.named_buffers()):
         owner, leaf = _owner(unit, name)
-        if leaf not in owner._non_persistent_buffers_set and f"{prefix}.{name}" in files:
-            owner._buffers[leaf] = files.read(f"{prefix}.{name}", buffer.dtype, device)
+        if leaf not in owner._non_persistent_buffers_set and plan.has(f"{prefix}.{name}"):
+            owner._buffers[leaf] = _take(f"{prefix}.{name}", made, plan, files, buffer.dtype, device)
+
+
+def _take(name: str, made: dict[str, torch.Tensor], plan: KeyPlan, files: WeightFiles, dtype: torch.dtype,
+          device: torch.device) -> torch.Tensor:
+    """Model tensor `name`: made earlier with another tensor of its unit, or read (and converted) now. The plan
+    guarantees that one conversion makes tensors of one unit only, so `made` is empty once a unit is filled."""
+    if name in made:
+        return made.pop(name)
+    source, output = plan.source(name)
+    tensors = plan.make(source, lambda key: files.read(key, dtype, device))
+    taken = tensors.pop(output)
+    made.update(tensors)
+    return taken
 
 
 def stage_units(stage: Stage) -> Iterator[tuple[nn.Module, str | None]]:
@@ -118,15 +143,6 @@ def stage_units(stage: Stage) -> Iterator[tuple[nn.Module, str | None]]:
         yield stage.head, head_name
     if stage.decoder is not None:
         yield stage.decoder, None
-
-
-def _checkpoint_key(stage: Stage, files: WeightFiles, key: str) -> str:
-    # Checkpoints of tied models usually store only the embedding; the untied head starts as its copy.
-    embed_name, _, _, head_name = stage.names
-    tied = getattr(stage.config, "tie_word_embeddings", False)
-    if key not in files and tied and key == f"{head_name}.weight":
-        return f"{embed_name}.weight"
-    return key
 
 
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from lopt_dist.config import ConfigError
+from lopt_dist.model.key_plan import plan_checkpoint
 from lopt_dist.model.loading import resolve_model_path
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -128,9 +129,12 @@ class WeightFiles:
 
 
 def check_readable(name: str) -> None:
-    """Before any worker starts: a local checkpoint (or an alias's converted one) must have safetensors files."""
+    """Before any worker starts: a local checkpoint (or an alias's converted one) must have safetensors files
+    that hold every tensor of the model, under names whose conversion each stage can make alone (key_plan.py).
+    Only names are read; a hub id is planned by each worker, before it reads a weight."""
     if Path(resolve_model_path(name)).is_dir():
-        WeightFiles(name)
+        files = WeightFiles(name)
+        plan_checkpoint(files.location, files.weight_map)
 
 
 def _safe_open(path: Path):

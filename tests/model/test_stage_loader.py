@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from lopt_dist.config import ConfigError, load_config
 from lopt_dist.model import split_model
 from lopt_dist.model import weights as weights_module
+from lopt_dist.model.key_plan import KeyPlan
 from lopt_dist.model.stage_loader import empty_model, load_stage, materialise
 from lopt_dist.model.tiny import tiny_config
 from lopt_dist.model.weights import INDEX_FILE, WeightFiles
@@ -68,8 +69,9 @@ def test_only_the_stages_tensors_are_read_and_materialised(sharded, stage_index)
     files = WeightFiles(str(sharded))
     assert len(set(files.weight_map.values())) > 4  # several shards
     skeleton = empty_model(AutoConfig.from_pretrained(sharded), torch.float32, "eager")
+    plan = KeyPlan(skeleton, files.weight_map, files.location)
     [stage] = split_model(skeleton, None, 10.0, 0, only=stage_index)
-    materialise(stage, files, torch.float32, CPU)
+    materialise(stage, plan, files, torch.float32, CPU)
     assert set(files.tensors_read) == _expected_keys(sharded, stage_index)
     assert len(files.tensors_read) == len(set(files.tensors_read))  # each read once
     stage_params = {id(p) for p in stage.parameters()}

@@ -106,9 +106,9 @@ def test_bf16_pipeline_matches_single_process(tiny_model_dir, bf16_reference, tm
             assert (pipeline - local).norm() <= WEIGHT_REL * moved, (name, float((pipeline - local).norm() / moved))
 
 
-def _sharded_tied_model(tiny_model_dir, out):
-    """The tiny Llama with tied embeddings, re-saved in several shards (its tokenizer beside it)."""
-    source = tiny_model_dir("llama", tie_word_embeddings=True)
+def _sharded_tied_model(tiny_model_dir, out, family):
+    """A tiny model with tied embeddings, re-saved in several shards (its tokenizer beside it)."""
+    source = tiny_model_dir(family, tie_word_embeddings=True)
     AutoModelForCausalLM.from_pretrained(source).save_pretrained(out, max_shard_size="300KB")
     for file in source.iterdir():
         if "token" in file.name or file.name.endswith(".jinja"):
@@ -124,8 +124,11 @@ def _stage_keys(model_dir, stage, num_layers=4) -> set[str]:
     return keys | ({"model.embed_tokens.weight"} if stage == 0 else {"model.norm.weight", "model.embed_tokens.weight"})
 
 
-def test_workers_load_only_their_stage_and_zero3_holds_a_partition(tiny_model_dir, tmp_path):
-    model_dir = _sharded_tied_model(tiny_model_dir, tmp_path / "model")
+# Mixtral: save_pretrained writes its experts one matrix per expert under `block_sparse_moe`; each worker reads
+# its own layers' and fuses them as from_pretrained does (model/key_plan.py).
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_workers_load_only_their_stage_and_zero3_holds_a_partition(tiny_model_dir, tmp_path, family):
+    model_dir = _sharded_tied_model(tiny_model_dir, tmp_path / "model", family)
     assert len(set(WeightFiles(str(model_dir)).weight_map.values())) >= 3
     cfg = prepare(_config(model_dir, tmp_path / "run", "ray", workers=(2, 1), zero=(3, 0)))
     driver = PipelineDriver.start(cfg)

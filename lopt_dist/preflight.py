@@ -52,6 +52,7 @@ def check_model(cfg: ExperimentConfig) -> PretrainedConfig:
         hf_config = load_model_config(cfg.model.name)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name: cannot load a model config from {cfg.model.name!r}: {_one_line(err)}") from None
+    check_not_quantized(cfg, hf_config)
     check_model_structure(cfg, hf_config)
     boundaries = resolve_boundaries(cfg.model.boundaries, hf_config.num_hidden_layers)
     if cfg.train.method == "lopt":  # refuse a family whose split cannot be proven exact, from its config alone
@@ -59,6 +60,18 @@ def check_model(cfg: ExperimentConfig) -> PretrainedConfig:
     if cfg.runtime.mode == "ray":
         check_readable(cfg.model.name)  # stage workers read safetensors only: say so before they start
     return hf_config
+
+
+def check_not_quantized(cfg: ExperimentConfig, hf_config: PretrainedConfig) -> None:
+    """Quantized weights (FP8, GPTQ, bitsandbytes, ...) come with scales the stage loader does not apply: reading
+    them as plain tensors would train from wrong values without a word, so such a checkpoint is refused."""
+    quantization = getattr(hf_config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else type(quantization).__name__
+        raise ConfigError(
+            f"model.name: {cfg.model.name} is a quantized checkpoint (quant_method {method!r}); lopt-dist trains "
+            "full-precision weights: use the model's bf16/fp32 release, or dequantize it and save_pretrained it"
+        )
 
 
 def check_model_structure(cfg: ExperimentConfig, hf_config: PretrainedConfig) -> None:

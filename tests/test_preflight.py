@@ -75,6 +75,17 @@ def _gpt2(tmp, tiny):
     return [], [f"model.name={tmp}"], r"GPT2LMHeadModel lacks transformer\.embed_tokens"
 
 
+def _quantized_checkpoint(tmp, tiny):
+    model = tmp / "fp8"
+    model.mkdir()
+    for item in tiny.iterdir():
+        os.symlink(item, model / item.name)
+    config = json.loads((tiny / "config.json").read_text())
+    (model / "config.json").unlink()
+    (model / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    return [], [f"model.name={model}"], r"model\.name: .*fp8 is a quantized checkpoint \(quant_method 'fp8'\)"
+
+
 def _model_path_typo(tmp, tiny):
     (tmp / "models").mkdir()
     os.symlink(tiny, tmp / "models" / "tiny-llama")
@@ -109,7 +120,7 @@ def _data_path_typo(tmp, tiny):
 
 
 CASES = [_yaml_syntax, _set_syntax, _output_dir_under_a_file, _output_dir_is_a_file, _zero_stage_auto,
-         _bf16_in_a_float32_run, _fp16, _gpt2, _model_path_typo, _bad_json_line, _row_lacking_a_column,
+         _bf16_in_a_float32_run, _fp16, _gpt2, _quantized_checkpoint, _model_path_typo, _bad_json_line, _row_lacking_a_column,
          _all_rows_too_long, _data_path_typo]
 
 

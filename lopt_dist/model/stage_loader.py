@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from lopt_dist.config import ExperimentConfig
+from lopt_dist.model.lora import apply_model_lora
 from lopt_dist.model.stages import Stage, split_model
 from lopt_dist.model.weights import WeightFiles
 from lopt_dist.telemetry.memory import current_rss_bytes, peak_rss_bytes
@@ -52,8 +53,11 @@ def load_stage(
         skeleton = empty_model(AutoConfig.from_pretrained(files.location), dtype, cfg.model.attn_implementation)
         with init_empty_weights(include_buffers=False):  # the untied head and the decoder start empty too
             [stage] = split_model(skeleton, cfg.model.boundaries, cfg.train.lambda_aux, cfg.train.seed,
-                                  only=stage_index)
+                                  only=stage_index, decoder_init=cfg.train.decoder_init, packed=cfg.data.packing)
         materialise(stage, files, dtype, device, partition)
+        # LoRA wraps the materialised layers (model.lora); under ZeRO-3 DeepSpeed partitions the small adapters
+        # when the engine is built.
+        apply_model_lora(stage, cfg.model, cfg.train.seed, stage_index)
     finally:
         files.close()
     stage.train()

@@ -171,8 +171,17 @@ def test_skipped_dropped_and_cut_rows_are_counted_in_one_line(tiny_model_dir, tm
         _prepared(tiny_model_dir, tmp_path, f"data.source={data}", "data.skip_bad_rows=true",
                   "data.max_seq_length=96")
     [line] = [r.getMessage() for r in caplog.records if r.name == "lopt_dist.preflight"]
-    assert ("5 rows read, format gsm8k: 2 examples, 1 of them cut to data.max_seq_length=96; 1 rows dropped because "
-            "the prompt alone fills data.max_seq_length; 2 bad rows skipped (data.skip_bad_rows)") in line
+    assert ("5 rows read, format gsm8k: 2 examples, 1 of them with the answer cut to data.max_seq_length=96; 1 rows "
+            "dropped because the prompt alone fills data.max_seq_length (data.truncation=left keeps them, cutting "
+            "the prompt); 2 bad rows skipped (data.skip_bad_rows)") in line
+    caplog.clear()
+    # left: the long prompt is kept and the long answer whole, both by cutting their prompts from the start
+    with caplog.at_level(logging.INFO, logger="lopt_dist.preflight"):
+        _prepared(tiny_model_dir, tmp_path, f"data.source={data}", "data.skip_bad_rows=true",
+                  "data.max_seq_length=96", "data.truncation=left")
+    [line] = [r.getMessage() for r in caplog.records if r.name == "lopt_dist.preflight"]
+    assert ("5 rows read, format gsm8k: 3 examples, 2 of them with the prompt cut from its start to fit "
+            "data.max_seq_length=96 (data.truncation=left); 2 bad rows skipped (data.skip_bad_rows)") in line
 
 
 def test_a_dataset_directory_is_checked_on_its_first_rows(tiny_model_dir, tmp_path, caplog):

@@ -54,8 +54,9 @@ def check_model(cfg: ExperimentConfig) -> PretrainedConfig:
         raise ConfigError(f"model.name: cannot load a model config from {cfg.model.name!r}: {_one_line(err)}") from None
     check_model_structure(cfg, hf_config)
     boundaries = resolve_boundaries(cfg.model.boundaries, hf_config.num_hidden_layers)
-    if cfg.train.method == "lopt":  # refuse a family whose split cannot be proven exact, from its config alone
-        check_family(hf_config, boundaries, cfg.model.attn_implementation)
+    # Refuse a family whose split (or packing, with data.packing) cannot be proven exact, from its config alone.
+    if cfg.train.method == "lopt" or cfg.data.packing:
+        check_family(hf_config, boundaries, cfg.model.attn_implementation, packed=cfg.data.packing)
     if cfg.runtime.mode == "ray":
         check_readable(cfg.model.name)  # stage workers read safetensors only: say so before they start
     return hf_config

@@ -7,6 +7,7 @@ deterministic, so both see the same examples; the order of training is decided l
 
 from __future__ import annotations
 
+import logging
 import statistics
 from dataclasses import dataclass, field
 
@@ -14,8 +15,10 @@ from transformers import PreTrainedTokenizerBase
 
 from lopt_dist.config import DataConfig
 from lopt_dist.data.formats import DataError, check_columns, parse_row
-from lopt_dist.data.sources import read_records
+from lopt_dist.data.sources import BUILTIN_PREFIX, is_local_file, read_records
 from lopt_dist.data.tokenize import PromptStyle, cut_example, cut_lengths, encode_pair
+
+logger = logging.getLogger(__name__)
 
 _SKIP_HINT = "Fix the row, or set data.skip_bad_rows: true to skip and count such rows"
 
@@ -89,6 +92,10 @@ def build_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, limit: i
         _add(built, *encode_pair(tokenizer, prompt, completion, style), cfg.max_seq_length, cfg.truncation)
     if not built.examples:
         raise DataError(_nothing_usable(cfg, built, limit))
+    if limit is None and not is_local_file(cfg.source) and not cfg.source.startswith(BUILTIN_PREFIX):
+        # The pre-start line saw only a hub dataset's first rows: say what the whole dataset lost, here.
+        level = logging.WARNING if built.skipped_too_long or built.skipped_bad else logging.INFO
+        logger.log(level, "data %s, all rows: %s", cfg.source, built.summary(cfg))
     return built
 
 

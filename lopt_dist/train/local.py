@@ -165,7 +165,7 @@ class LocalTrainer:
         # MoE families: the family's own forward computes its router loss over all layers, as stages do per stage.
         moe = {"output_router_logits": True} if self.router_coef is not None else {}
         if self.cfg.data.packing:  # no padding mask: the family's mask helpers read the examples off the positions
-            inputs = {"attention_mask": None, "position_ids": batch["position_ids"]}
+            inputs = {"attention_mask": None, "position_ids": batch["position_ids"], "use_cache": False}
         else:
             inputs = {"attention_mask": batch["attention_mask"]}
         out = self.model(input_ids=batch["input_ids"], **inputs, **moe)

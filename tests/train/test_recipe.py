@@ -39,3 +39,12 @@ def test_xavier_decoder_init_is_seeded_with_gain_0_1():
     empty.to_empty(device="cpu")
     empty.reset_parameters()
     assert torch.equal(empty.up.weight, a.up.weight)
+
+
+def test_reference_config_sets_the_reference_values():
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "reference.yaml")
+    assert (cfg.train.adam_betas, cfg.train.adam_eps, cfg.train.decoder_init) == ([0.9, 0.999], 1e-8, "xavier")
+    assert (cfg.data.format, cfg.data.prompt_format, cfg.data.truncation) == ("query_response", "plain", "left")
+    assert cfg.train.warmup_ratio is not None and cfg.train.warmup_steps == 0

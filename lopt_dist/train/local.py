@@ -63,7 +63,7 @@ class _Trainable:
     def __init__(self, module: nn.Module, lr: float, cfg: ExperimentConfig) -> None:
         self.module = module
         self.masters = MasterWeights(module) if run_dtype(cfg.train) == torch.bfloat16 else None
-        self.optimizer = build_optimizer(self.weights, lr, cfg.train)
+        self.optimizer = build_optimizer(self.weights, lr, cfg.train.weight_decay, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.grad_clip = cfg.train.grad_clip
 

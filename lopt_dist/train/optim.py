@@ -32,11 +32,13 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(module: nn.Module, lr: float, train: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the module's trainable parameters only (frozen LoRA bases are left out)."""
+def build_optimizer(module: nn.Module, lr: float, weight_decay: float,
+                    train: TrainConfig | None = None) -> torch.optim.AdamW:
+    """AdamW over the module's trainable parameters only (frozen LoRA bases are left out), with the betas and eps
+    of `train` (None: the defaults of train.adam_betas / train.adam_eps)."""
     # foreach=False: the same kernel on every path, so per-element results match bit for bit.
-    return torch.optim.AdamW(param_groups(module, train.weight_decay), lr=lr, foreach=False,
-                             **adam_hyperparameters(train))
+    return torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, foreach=False,
+                             **adam_hyperparameters(train or TrainConfig()))
 
 
 def lr_multiplier(step: int, train: TrainConfig) -> float:

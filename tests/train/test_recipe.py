@@ -12,9 +12,9 @@ from lopt_dist.train.optim import build_optimizer, lr_multiplier
 
 def test_adam_betas_and_eps_reach_the_optimizer():
     train = load_config(None, ["train.adam_betas=[0.9, 0.999]", "train.adam_eps=1e-6"]).train
-    optimizer = build_optimizer(torch.nn.Linear(4, 4), 1e-3, train)
+    optimizer = build_optimizer(torch.nn.Linear(4, 4), 1e-3, 0.0, train)
     assert all(g["betas"] == (0.9, 0.999) and g["eps"] == 1e-6 for g in optimizer.param_groups)
-    default = build_optimizer(torch.nn.Linear(4, 4), 1e-3, load_config(None).train)
+    default = build_optimizer(torch.nn.Linear(4, 4), 1e-3, 0.0)
     assert default.param_groups[0]["betas"] == (0.9, 0.95)
 
 

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from torch.distributed import pipelining
 
-from lopt_dist.config import TrainConfig
 from lopt_dist.model import causal_lm_loss, split_model
 from lopt_dist.model.loading import load_causal_lm
 from lopt_dist.pipeline.worker import WorkerBase
@@ -103,7 +102,7 @@ class PipelineWorker(WorkerBase):
         spec = SCHEDULE_SPECS[self.schedule_name]
         target = self.stages if spec.stages_per_rank > 1 else self.stages[0]
         self.schedule = spec.cls(target, self.cfg.micro_batches, loss_fn=causal_lm_loss)
-        self.optimizer = build_optimizer(nn.ModuleList(modules), self.cfg.lr, TrainConfig())
+        self.optimizer = build_optimizer(nn.ModuleList(modules), self.cfg.lr, 0.0)
         self.traffic = self._traffic_per_step(ranks)
         self.mem_at_start = reset_peak(self.device)
 

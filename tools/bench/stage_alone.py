@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from lopt_dist.config import TrainConfig
 from lopt_dist.model import causal_lm_loss, split_model
 from lopt_dist.model.loading import load_causal_lm
 from lopt_dist.pipeline.worker import WorkerBase
@@ -54,7 +53,7 @@ class StageAloneWorker(WorkerBase):
                                   experiment.train.lambda_aux, self.cfg.seed)
         for stage in self.stages:
             stage.to(self.device).train()
-        self.optimizers = [build_optimizer(stage, self.cfg.lr, TrainConfig()) for stage in self.stages]
+        self.optimizers = [build_optimizer(stage, self.cfg.lr, 0.0) for stage in self.stages]
 
     def run(self) -> list[StageTimes]:
         """Warm-up steps, then one measured step: its micro-batches give the per-micro-batch medians."""

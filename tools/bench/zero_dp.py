@@ -15,7 +15,6 @@ import time
 import torch
 from torch import nn
 
-from lopt_dist.config import TrainConfig
 from lopt_dist.model import causal_lm_loss
 from lopt_dist.model.loading import load_causal_lm
 from lopt_dist.pipeline.worker import WorkerBase
@@ -53,7 +52,7 @@ class DataParallelWorker(WorkerBase):
         self.init_torch_distributed(master_addr, master_port, backend)
         torch.manual_seed(self.cfg.seed)
         module = CausalLMWithLoss(load_causal_lm(self.model.path)).to(self.device)
-        optimizer = build_optimizer(module, self.cfg.lr, TrainConfig())
+        optimizer = build_optimizer(module, self.cfg.lr, 0.0)
         scheduler = build_scheduler(optimizer, experiment_config(self.cfg, self.model, method="e2e").train)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self.ds_config)

@@ -22,6 +22,7 @@ from lopt_dist.config import ConfigError, ExperimentConfig
 from lopt_dist.data import build_examples
 from lopt_dist.data.sources import BUILTIN_PREFIX, is_local_file
 from lopt_dist.model.loading import load_model_config, load_tokenizer
+from lopt_dist.model.lora import check_targets
 from lopt_dist.model.parts import ModelStructureError, find_parts
 from lopt_dist.model.selfcheck import check_family
 from lopt_dist.model.weights import check_readable
@@ -73,9 +74,10 @@ def check_model_structure(cfg: ExperimentConfig, hf_config: PretrainedConfig) ->
             f"({_one_line(err)}); LoPT post-trains decoder-only causal LMs"
         ) from None
     try:
-        find_parts(model)
+        parts = find_parts(model)
     except ModelStructureError as err:
         raise ModelStructureError(f"model.name {cfg.model.name}: {err}") from None
+    check_targets(cfg.model, parts.layers, f"the decoder layers of {cfg.model.name}")  # model.lora
 
 
 def check_tokenizer(cfg: ExperimentConfig) -> PreTrainedTokenizerBase:

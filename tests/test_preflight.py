@@ -18,7 +18,8 @@ import ray
 from transformers import GPT2Config
 
 from lopt_dist.cli import train_main
-from lopt_dist.config import load_config
+from lopt_dist.config import ConfigError, load_config
+from lopt_dist.model.errors import ModelStructureError
 from lopt_dist.preflight import prepare
 from tests.conftest import REPO
 
@@ -192,3 +193,11 @@ def test_a_dataset_directory_is_checked_on_its_first_rows(tiny_model_dir, tmp_pa
         cfg = _prepared(tiny_model_dir, tmp_path, f"data.source={tmp_path}/ds")
     assert cfg.data.source == str(tmp_path / "ds")
     assert any("its first 100 rows; the workers check the rest" in r.getMessage() for r in caplog.records)
+
+
+def test_lora_targets_and_packing_are_checked_before_start(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"model.lora: target_modules \['qkv_proj'\] name no linear module of "
+                                          r"the decoder layers of .*, whose linear modules are named \[.*'q_proj'"):
+        _prepared(tiny_model_dir, tmp_path, "model.lora=[{stages: [1], target_modules: [qkv_proj]}]")
+    with pytest.raises(ModelStructureError, match="data.packing: model.attn_implementation='flash_attention_2'"):
+        _prepared(tiny_model_dir, tmp_path, "data.packing=true", "model.attn_implementation=flash_attention_2")

@@ -55,14 +55,12 @@ def apply_lora(module: nn.Module, entry: LoraConfig, seed: int, where: str) -> N
 
     config = PeftLoraConfig(r=entry.rank, lora_alpha=entry.alpha, lora_dropout=entry.dropout,
                             target_modules=list(entry.target_modules), bias="none")
-    linear = sorted({name.rpartition(".")[2] for name, m in module.named_modules() if isinstance(m, nn.Linear)})
     try:
         inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     except ValueError as err:
-        if "not found" not in str(err) and "target" not in str(err):
+        if "not found in the base model" not in str(err):
             raise
-        raise ConfigError(f"model.lora: {where} has no linear module named {entry.target_modules}; its linear "
-                          f"modules are named {linear}: list some of these as target_modules") from None
+        raise ConfigError(no_targets_message(entry, module, where)) from None
     _seeded_adapters(module, seed)
     decoder = getattr(module, "decoder", None)
     if decoder is not None:  # peft froze everything but the adapters; the reconstruction decoder learns in full
@@ -90,8 +88,22 @@ def adapted_layers(module: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in module.named_modules() if isinstance(m, LoraLayer)}
 
 
-def trainable_parameters(module: nn.Module) -> int:
-    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad)
+def linear_names(module: nn.Module) -> list[str]:
+    """The last part of the name of every nn.Linear inside `module`: what target_modules may list."""
+    return sorted({name.rpartition(".")[2] for name, m in module.named_modules() if isinstance(m, nn.Linear)})
+
+
+def no_targets_message(entry: LoraConfig, module: nn.Module, where: str) -> str:
+    return (f"model.lora: target_modules {entry.target_modules} name no linear module of {where}, whose linear "
+            f"modules are named {linear_names(module)}: list some of these")
+
+
+def check_targets(model: ModelConfig, layers: nn.Module, where: str) -> None:
+    """Before start, on the model's skeleton: every entry names at least one linear module of the decoder layers."""
+    names = set(linear_names(layers))
+    for entry in model.lora:
+        if not names & set(entry.target_modules):
+            raise ConfigError(no_targets_message(entry, layers, where))
 
 
 # ------------------------------------------------------------------------------------------------- export

@@ -90,6 +90,6 @@ def test_lora_checkpoint_resumes_to_the_same_weights(tmp_path):
 
 
 def test_lora_targets_that_match_nothing_are_named():
-    with pytest.raises(ConfigError, match=r"model.lora: stage 1 has no linear module named \['qkv'\]; its linear "
-                                          r"modules are named \[.*'q_proj'"):
+    with pytest.raises(ConfigError, match=r"model.lora: target_modules \['qkv'\] name no linear module of stage 1, "
+                                          r"whose linear modules are named \[.*'q_proj'"):
         _trainer("model.lora=[{stages: [1], target_modules: [qkv]}]")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lopt_dist.config import ConfigError, LoraConfig, ModelConfig
+from lopt_dist.model.decoder import ReconstructionDecoder
 
 ADAPTER = "default"  # peft's name of the one adapter each layer holds
 _BASE = ".base_layer."
@@ -63,7 +64,7 @@ def apply_lora(module: nn.Module, entry: LoraConfig, seed: int, where: str) -> N
         raise ConfigError(no_targets_message(entry, module, where)) from None
     _seeded_adapters(module, seed)
     decoder = getattr(module, "decoder", None)
-    if decoder is not None:  # peft froze everything but the adapters; the reconstruction decoder learns in full
+    if isinstance(decoder, ReconstructionDecoder):  # peft froze all but the adapters; the decoder learns in full
         decoder.requires_grad_(True)
 
 

@@ -29,6 +29,31 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 
 @dataclass(kw_only=True)
+class LoraConfig:
+    """LoRA adapters (the `peft` library) on the stages listed. Those stages train only their adapters (and their
+    reconstruction decoders, always fully trained); the export merges the adapters into the weights."""
+
+    stages: list[int] | None = None  # stage indices; None: every stage (for train.method=e2e: the whole model)
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    # Dropout on the adapters' input. It draws from each process's own random stream, so with dropout > 0 a Ray run
+    # is not update-for-update equal to a local one (it is with 0, the default).
+    dropout: float = 0.0
+    # Names of the linear modules that get adapters (the last part of their name, e.g. q_proj).
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "rank", "must be >= 1")
+        _require(self.alpha > 0, "alpha", "must be > 0")
+        _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        _require(bool(self.target_modules), "target_modules", "name at least one module, e.g. [q_proj]")
+        if self.stages is not None:
+            _require(bool(self.stages) and all(s >= 0 for s in self.stages), "stages",
+                     f"must list stage indices >= 0, or be null for every stage; got {self.stages}")
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     # Alias (`smollm2-135m`), a local checkpoint directory, or a Hugging Face hub id.
     name: str = "smollm2-135m"
@@ -36,9 +61,16 @@ class ModelConfig:
     boundaries: list[int] | None = None
     # Attention kernel passed to transformers; "sdpa" is fast, "eager" is the most portable.
     attn_implementation: str = "sdpa"
+    # LoRA instead of full training, per stage: e.g. [{stages: [1], rank: 16}] adapts the second half only. Each
+    # stage may appear in one entry at most; stages in none are trained in full. Empty: no LoRA.
+    lora: list[LoraConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must name an alias, a directory or a hub id")
+        listed = [s for entry in self.lora for s in (entry.stages or [-1])]
+        _require(len(listed) == len(set(listed)) and (-1 not in listed or len(self.lora) == 1), "model.lora",
+                 "names a stage in more than one entry (an entry with stages: null covers every stage); give each "
+                 "stage one entry")
         if self.boundaries is not None:
             _require(len(self.boundaries) >= 1, "model.boundaries", "give at least one boundary, or null")
             _require(all(b > 0 for b in self.boundaries), "model.boundaries", "boundaries must be > 0")
@@ -59,8 +91,19 @@ class DataConfig:
     source: str = "builtin:arithmetic"
     hub_config: str | None = None  # e.g. "main" for openai/gsm8k
     split: str = "train"
-    format: Literal["auto", "gsm8k", "instruction", "prompt_completion", "messages"] = "auto"
+    format: Literal["auto", "gsm8k", "instruction", "prompt_completion", "messages", "query_response", "text"] = "auto"
+    # How a prompt is written: "chat" uses the tokenizer's chat template (plain text where it has none); "plain"
+    # writes "Question: {prompt}\nAnswer: {answer}" without any template, as the paper's reference implementation.
+    prompt_format: Literal["chat", "plain"] = "chat"
+    # Keyword arguments for the chat template, e.g. {enable_thinking: false} for Qwen3.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     max_seq_length: int = 256
+    # An example longer than max_seq_length: "right" cuts the end of the answer, and a row whose prompt alone fills
+    # max_seq_length is skipped (counted and shown before start); "left" cuts the prompt from its start so that
+    # the answer is kept whole (the answer is cut at its end only if it alone does not fit).
+    truncation: Literal["right", "left"] = "right"
+    # Pack several examples into each row of max_seq_length tokens (attention and positions stay per example).
+    packing: bool = False
     shuffle: bool = True
     seed: int = 0
     max_samples: int | None = None  # use only the first N rows (after loading, before shuffling)
@@ -85,8 +128,14 @@ class TrainConfig:
     lambda_aux: float = 10.0  # weight of the reconstruction loss
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    warmup_ratio: float | None = None  # warm-up as a fraction of train.steps (rounded up); exclusive with warmup_steps
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
     grad_clip: float = 1.0  # per stage; 0 disables
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # torch's default is [0.9, 0.999]
+    adam_eps: float = 1e-8
+    # Start of the reconstruction decoders' two linear layers: "normal" N(0, 0.02); "xavier" xavier-uniform with
+    # gain 0.1 (the paper's reference implementation). Biases start at zero either way.
+    decoder_init: Literal["normal", "xavier"] = "normal"
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
     log_every: int = 1
@@ -101,6 +150,13 @@ class TrainConfig:
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _require(0 <= self.warmup_steps < self.steps or self.warmup_steps == 0, "train.warmup_steps",
                  f"must be smaller than train.steps ({self.steps})")
+        if self.warmup_ratio is not None:
+            _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+            _require(self.warmup_steps == 0, "train.warmup_ratio",
+                     "cannot be combined with train.warmup_steps; give one of them")
+        _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "train.adam_betas",
+                 f"must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {self.adam_betas}")
+        _require(self.adam_eps > 0, "train.adam_eps", "must be > 0")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
         _require(self.log_every >= 1, "train.log_every", "must be >= 1")
@@ -112,6 +168,13 @@ class TrainConfig:
     @property
     def first_lr(self) -> float:
         return self.lr if self.lr_first is None else self.lr_first
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps: train.warmup_steps, or train.warmup_ratio of train.steps rounded up."""
+        if self.warmup_ratio is None:
+            return self.warmup_steps
+        return min(math.ceil(self.warmup_ratio * self.steps), self.steps - 1)
 
 
 @dataclass(kw_only=True)
@@ -240,6 +303,16 @@ class ExperimentConfig:
                 f"is {per_step} but must be a multiple of {need}, the least common multiple of the group "
                 f"sizes {[g.workers for g in self.runtime.groups]}, so every worker gets whole micro-batches",
             )
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        stages = self.model.num_stages
+        for entry in self.model.lora:
+            bad = [s for s in entry.stages or [] if s >= stages]
+            _require(not bad, "model.lora[].stages",
+                     f"{bad}: the model is cut into {stages} stages, numbered 0 to {stages - 1}")
+            _require(self.train.method == "lopt" or entry.stages is None, "model.lora[].stages",
+                     "train.method=e2e trains the whole model: give one entry with stages: null")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -270,6 +343,12 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if origin is Literal:
         _require(value in args, key, f"must be one of {list(args)}, got {value!r}")
         return value
+    if hint is Any:
+        return value
+    if origin is dict:
+        _require(isinstance(value, dict) and all(isinstance(k, str) for k in value), key,
+                 f"expected a mapping of names to values, e.g. {{enable_thinking: false}}, got {value!r}")
+        return {k: _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         _require(isinstance(value, list), key, f"expected a list, got {value!r}")
         return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]

@@ -22,6 +22,7 @@ from lopt_dist.config import ConfigError, ExperimentConfig
 from lopt_dist.data import build_examples
 from lopt_dist.data.sources import BUILTIN_PREFIX, is_local_file
 from lopt_dist.model.loading import load_model_config, load_tokenizer
+from lopt_dist.model.lora import check_targets
 from lopt_dist.model.parts import ModelStructureError, find_parts
 from lopt_dist.model.selfcheck import check_family
 from lopt_dist.model.weights import check_readable
@@ -55,8 +56,9 @@ def check_model(cfg: ExperimentConfig) -> PretrainedConfig:
     check_not_quantized(cfg, hf_config)
     check_model_structure(cfg, hf_config)
     boundaries = resolve_boundaries(cfg.model.boundaries, hf_config.num_hidden_layers)
-    if cfg.train.method == "lopt":  # refuse a family whose split cannot be proven exact, from its config alone
-        check_family(hf_config, boundaries, cfg.model.attn_implementation)
+    # Refuse a family whose split (or packing, with data.packing) cannot be proven exact, from its config alone.
+    if cfg.train.method == "lopt" or cfg.data.packing:
+        check_family(hf_config, boundaries, cfg.model.attn_implementation, packed=cfg.data.packing)
     if cfg.runtime.mode == "ray":
         check_readable(cfg.model.name)  # stage workers read safetensors only: say so before they start
     return hf_config
@@ -85,9 +87,10 @@ def check_model_structure(cfg: ExperimentConfig, hf_config: PretrainedConfig) ->
             f"({_one_line(err)}); LoPT post-trains decoder-only causal LMs"
         ) from None
     try:
-        find_parts(model)
+        parts = find_parts(model)
     except ModelStructureError as err:
         raise ModelStructureError(f"model.name {cfg.model.name}: {err}") from None
+    check_targets(cfg.model, parts.layers, f"the decoder layers of {cfg.model.name}")  # model.lora
 
 
 def check_tokenizer(cfg: ExperimentConfig) -> PreTrainedTokenizerBase:

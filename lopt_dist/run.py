@@ -83,7 +83,7 @@ class _LocalRunner:
         self.cfg = cfg
 
     def start(self, resume_from: Path | None) -> None:
-        from lopt_dist.data import MicroBatches, build_examples
+        from lopt_dist.data import build_examples, micro_batches
         from lopt_dist.model.loading import load_causal_lm
         from lopt_dist.train.local import LocalTrainer
         from lopt_dist.train.precision import run_dtype
@@ -91,8 +91,7 @@ class _LocalRunner:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model.name)
-        batches = MicroBatches(build_examples(cfg.data, tokenizer), cfg.train.micro_batch_size, cfg.data.shuffle,
-                               cfg.data.seed, tokenizer.pad_token_id)
+        batches = micro_batches(build_examples(cfg.data, tokenizer), cfg, tokenizer.pad_token_id)
         device = local_device(cfg.runtime.device, torch.cuda.is_available())
         model = load_causal_lm(cfg.model.name, dtype=run_dtype(cfg.train),
                                attn_implementation=cfg.model.attn_implementation)

@@ -18,7 +18,8 @@ import ray
 from transformers import GPT2Config
 
 from lopt_dist.cli import train_main
-from lopt_dist.config import load_config
+from lopt_dist.config import ConfigError, load_config
+from lopt_dist.model.errors import ModelStructureError
 from lopt_dist.preflight import prepare
 from tests.conftest import REPO
 
@@ -182,8 +183,17 @@ def test_skipped_dropped_and_cut_rows_are_counted_in_one_line(tiny_model_dir, tm
         _prepared(tiny_model_dir, tmp_path, f"data.source={data}", "data.skip_bad_rows=true",
                   "data.max_seq_length=96")
     [line] = [r.getMessage() for r in caplog.records if r.name == "lopt_dist.preflight"]
-    assert ("5 rows read, format gsm8k: 2 examples, 1 of them cut to data.max_seq_length=96; 1 rows dropped because "
-            "the prompt alone fills data.max_seq_length; 2 bad rows skipped (data.skip_bad_rows)") in line
+    assert ("5 rows read, format gsm8k: 2 examples, 1 of them with the answer cut to data.max_seq_length=96; 1 rows "
+            "dropped because the prompt alone fills data.max_seq_length (data.truncation=left keeps them, cutting "
+            "the prompt); 2 bad rows skipped (data.skip_bad_rows)") in line
+    caplog.clear()
+    # left: the long prompt is kept and the long answer whole, both by cutting their prompts from the start
+    with caplog.at_level(logging.INFO, logger="lopt_dist.preflight"):
+        _prepared(tiny_model_dir, tmp_path, f"data.source={data}", "data.skip_bad_rows=true",
+                  "data.max_seq_length=96", "data.truncation=left")
+    [line] = [r.getMessage() for r in caplog.records if r.name == "lopt_dist.preflight"]
+    assert ("5 rows read, format gsm8k: 3 examples, 2 of them with the prompt cut from its start to fit "
+            "data.max_seq_length=96 (data.truncation=left); 2 bad rows skipped (data.skip_bad_rows)") in line
 
 
 def test_a_dataset_directory_is_checked_on_its_first_rows(tiny_model_dir, tmp_path, caplog):
@@ -194,3 +204,11 @@ def test_a_dataset_directory_is_checked_on_its_first_rows(tiny_model_dir, tmp_pa
         cfg = _prepared(tiny_model_dir, tmp_path, f"data.source={tmp_path}/ds")
     assert cfg.data.source == str(tmp_path / "ds")
     assert any("its first 100 rows; the workers check the rest" in r.getMessage() for r in caplog.records)
+
+
+def test_lora_targets_and_packing_are_checked_before_start(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"model.lora: target_modules \['qkv_proj'\] name no linear module of "
+                                          r"the decoder layers of .*, whose linear modules are named \[.*'q_proj'"):
+        _prepared(tiny_model_dir, tmp_path, "model.lora=[{stages: [1], target_modules: [qkv_proj]}]")
+    with pytest.raises(ModelStructureError, match="data.packing: model.attn_implementation='flash_attention_2'"):
+        _prepared(tiny_model_dir, tmp_path, "data.packing=true", "model.attn_implementation=flash_attention_2")

@@ -20,7 +20,7 @@ from lopt_dist.checkpoint.files import CheckpointError, os_errors_named
 from lopt_dist.checkpoint.rng import load_rng, save_rng
 from lopt_dist.checkpoint.safe_load import install_safe_checkpoint_engine
 from lopt_dist.checkpoint.safetensors_io import Shard
-from lopt_dist.checkpoint.tensor_manifest import ExportedTensor, exported_tensors, write_manifest
+from lopt_dist.checkpoint.tensor_manifest import ExportedTensor, exported_tensors, merged_reader, write_manifest
 
 TAG = "state"
 
@@ -63,8 +63,9 @@ class _Masters:
       shard: `safe_get_full_fp32_param` assembles it (an all-reduce / all-gather over the group);
     - ZeRO-0 in fp32 has no wrapper: the parameter is the master;
     - ZeRO-0 in bf16 wraps the optimizer in FP16_UnfusedOptimizer, whose `fp32_groups` mirror `fp16_groups`
-      (measured on DeepSpeed 0.19.8; `safe_get_full_fp32_param` returns None there).
-    A low-precision parameter whose master cannot be found is an error, never a silent bf16 export.
+      (measured on DeepSpeed 0.19.8; `safe_get_full_fp32_param` returns None there);
+    - a frozen parameter (a LoRA stage's base weights) has no master: its value is the one it trained with.
+    A low-precision trainable parameter whose master cannot be found is an error, never a silent bf16 export.
     """
 
     def __init__(self, engine) -> None:
@@ -79,19 +80,25 @@ class _Masters:
 
         if not isinstance(tensor, nn.Parameter):
             return tensor.detach()  # a buffer: not partitioned, no master
+        if not tensor.requires_grad:
+            return _gathered(tensor) if hasattr(tensor, "ds_id") else tensor.detach()
         full = safe_get_full_fp32_param(tensor)
         if full is not None:
             return full
         if id(tensor) in self._unfused:
             return self._unfused[id(tensor)].detach()
         if hasattr(tensor, "ds_id"):  # a ZeRO-3 parameter the optimizer does not own: its gathered value is all
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([tensor]):
-                return tensor.detach().float().clone()
+            return _gathered(tensor)
         if tensor.dtype != torch.float32:
             raise RuntimeError(f"{name}: no fp32 master weight found for this {tensor.dtype} parameter")
         return tensor.detach()
+
+
+def _gathered(tensor: torch.Tensor) -> torch.Tensor:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([tensor]):
+        return tensor.detach().float().clone()
 
 
 def _master_order(engine) -> list[list[str]] | None:
@@ -113,10 +120,12 @@ def export_stage(engine, directory: Path, stage_index: int, is_writer: bool, max
     stage = engine.module
     live = exported_tensors(stage, stage.hf_name)
     masters = _Masters(engine)
-    tensors = {entry.key: tensor for entry, tensor in live}
+    tensors = dict(stage.state_dict(keep_vars=True))  # LoRA adapters too, which merged_reader reads
 
-    def read(entry: ExportedTensor) -> torch.Tensor:
+    def read_stored(entry: ExportedTensor) -> torch.Tensor:
         return masters(entry.name, tensors[entry.key])  # collective: every rank takes part
+
+    read = merged_reader(read_stored)
 
     entries = [entry for entry, _ in live]
     if is_writer:
@@ -130,9 +139,11 @@ def stage_weights(engine, is_writer: bool) -> dict[str, torch.Tensor] | None:
     """The stage's fp32 master weights under the full model's names, on the writer rank only (collective)."""
     stage = engine.module
     masters = _Masters(engine)
+    tensors = dict(stage.state_dict(keep_vars=True))
+    read = merged_reader(lambda entry: masters(entry.name, tensors[entry.key]))
     out = {}
-    for entry, tensor in exported_tensors(stage, stage.hf_name):
-        value = masters(entry.name, tensor)
+    for entry, _ in exported_tensors(stage, stage.hf_name):
+        value = read(entry)
         if is_writer:
             out[entry.name] = value.detach().to("cpu", copy=True)
     return out if is_writer else None

@@ -19,7 +19,7 @@ from lopt_dist.checkpoint.files import CheckpointError
 from lopt_dist.checkpoint.resume import read_state, verify_files
 from lopt_dist.checkpoint.safetensors_io import Shard
 from lopt_dist.checkpoint.stage_reader import open_stage
-from lopt_dist.checkpoint.tensor_manifest import read_manifest
+from lopt_dist.checkpoint.tensor_manifest import merged_reader, read_manifest
 from lopt_dist.config import ConfigError, config_from_dict, parse_size
 
 
@@ -42,7 +42,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
         for i in range(num_stages):
             stage_dir = checkpoint / f"stage_{i}"
             entries, extra = read_manifest(stage_dir)
-            shards += write_stage(directory, i, entries, open_stage(stage_dir, extra), max_bytes, torch_dtype)
+            read = merged_reader(open_stage(stage_dir, extra))  # LoRA adapters merged into their base weights
+            shards += write_stage(directory, i, entries, read, max_bytes, torch_dtype)
         return shards
 
     try:

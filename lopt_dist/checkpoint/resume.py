@@ -24,7 +24,8 @@ FORMAT = 2  # 1: lopt-dist before the checkpoint component (pickled RNG and trai
 _MUST_MATCH = (
     ("model", "name"), ("data", "source"), ("data", "hub_config"), ("data", "split"), ("data", "format"),
     ("data", "max_seq_length"), ("data", "shuffle"), ("data", "seed"), ("data", "max_samples"),
-    ("data", "builtin_samples"), ("train", "method"), ("train", "micro_batch_size"),
+    ("data", "builtin_samples"), ("data", "prompt_format"), ("data", "chat_template_kwargs"), ("data", "truncation"),
+    ("data", "packing"), ("model", "lora"), ("train", "method"), ("train", "micro_batch_size"),
     ("train", "micro_batches_per_step"), ("train", "dtype"), ("runtime", "mode"),
 )
 
@@ -113,12 +114,13 @@ def verify_files(path: Path, state: dict[str, Any]) -> None:
 
 
 def check_compatible(path: Path, state: dict[str, Any], cfg: ExperimentConfig, layout: RunLayout) -> None:
-    saved, now = state["config"], cfg.to_dict()
+    saved, now, defaults = state["config"], cfg.to_dict(), ExperimentConfig().to_dict()
     for section, key in _MUST_MATCH:
-        if saved[section][key] != now[section][key]:
+        before = saved[section].get(key, defaults[section][key])  # a key added since: its default then
+        if before != now[section][key]:
             raise ConfigError(
                 f"{section}.{key}: is {now[section][key]!r} but the checkpoint {path} was made with "
-                f"{saved[section][key]!r}; resuming would change the batches or the model, so keep it as it was")
+                f"{before!r}; resuming would change the batches or the model, so keep it as it was")
     was = state["layout"]
     if was["boundaries"] != layout.boundaries:
         raise ConfigError(f"model.boundaries: cuts the model at {layout.boundaries} but the checkpoint {path} was "

@@ -6,6 +6,8 @@ weights_only=True)`):
 - ZeRO 1-2 and BF16_Optimizer: each rank's optimizer file maps parameter names to a fragment of its flat fp32
   partition (`param_slice_mappings`); a parameter is its fragments in rank order;
 - ZeRO-3: each rank holds ceil(n / world) elements of every parameter, back to back in `param_shapes` order;
+  frozen parameters (LoRA bases) are not in the optimizer: each rank's model states hold its slice of them
+  (`frozen_param_fragments`);
 - ZeRO-0: the parameters themselves (fp32), or the fp32 copies of the bf16 wrapper (`fp32_groups`), in the
   order the worker recorded in `tensors.json`.
 Each tensor is copied out and its pages of the mapping are then handed back to the kernel, so the process holds
@@ -60,9 +62,10 @@ class _DeepSpeedStage:
         if not model_files:
             raise CheckpointError(f"{state_dir} holds no DeepSpeed model states file; export another checkpoint")
         optim_files = sorted(state_dir.glob("*optim_states.pt"), key=_rank_of)
+        self.model_files = model_files
         self.model = load_tensors_file(model_files[0], deepspeed=True, mmap=True)
         self.optim = [load_tensors_file(f, deepspeed=True, mmap=True)["optimizer_state_dict"] for f in optim_files]
-        self._mapped = _MappedFiles([model_files[0], *optim_files])
+        self._mapped = _MappedFiles([*model_files, *optim_files])
         self._pieces = self._pick_layout(master_order)
 
     def __call__(self, entry: ExportedTensor) -> torch.Tensor:
@@ -89,6 +92,12 @@ class _DeepSpeedStage:
             raise CheckpointError(f"{self.dir}: the weights are {module[low[0]].dtype} and no fp32 master copy was "
                                   "found; lopt-export would lose precision, so it stops")
         return lambda key: [module[key]]
+
+    def _zero3_frozen(self) -> dict[str, list[torch.Tensor]]:
+        if not self.model.get("frozen_param_shapes"):
+            return {}
+        models = [self.model] + [load_tensors_file(f, deepspeed=True, mmap=True) for f in self.model_files[1:]]
+        return _frozen_slices(models)
 
     def _fragments(self):
         """ZeRO 1-2 / BF16_Optimizer: name -> its fragments [(rank, group, start, numel)], in rank order."""
@@ -121,8 +130,11 @@ class _DeepSpeedStage:
             raise CheckpointError(f"{self.dir}: ZeRO-3 partitions hold {held} elements per rank, the parameters "
                                   f"need {offset}; the checkpoint's layout is not one lopt-export knows")
         buffers = self.model["module"]
+        frozen = self._zero3_frozen()
 
         def pieces(key: str) -> list[torch.Tensor]:
+            if key in frozen:
+                return frozen[key]
             if key not in shapes:
                 return [buffers[key]]
             numel = math.prod(shapes[key])
@@ -133,6 +145,13 @@ class _DeepSpeedStage:
             return _first(out, numel)
 
         return pieces
+
+
+def _frozen_slices(models: list[dict]) -> dict[str, list[torch.Tensor]]:
+    """ZeRO-3 frozen parameters: name -> each rank's slice, in rank order, cut to the parameter's size."""
+    shapes = models[0].get("frozen_param_shapes") or {}
+    return {name: _first([m["frozen_param_fragments"][name].reshape(-1) for m in models], math.prod(shape))
+            for name, shape in shapes.items()}
 
 
 def _flat_slice(groups: list[torch.Tensor], start: int, numel: int) -> list[torch.Tensor]:

@@ -73,12 +73,27 @@ class MicroBatches:
     def _epoch_order(self, epoch: int) -> np.ndarray:
         order = self._orders.get(epoch)
         if order is None:
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-            else:
-                order = np.arange(self.num_examples)
+            order = epoch_order(self.num_examples, self.shuffle, self.seed, epoch)
             # A worker reads micro-batches in increasing order, touching one or two epochs at a time.
             if len(self._orders) >= 4:
                 self._orders.pop(next(iter(self._orders)))
             self._orders[epoch] = order
         return order
+
+
+def epoch_order(num_examples: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """The examples of epoch `epoch` in training order: a permutation seeded by (seed, epoch), or in file order."""
+    if shuffle:
+        return np.random.default_rng([seed, epoch]).permutation(num_examples)
+    return np.arange(num_examples)
+
+
+def micro_batches(examples: Sequence[dict[str, list[int]]], cfg, pad_token_id: int):
+    """The run's micro-batches (`cfg`: the ExperimentConfig): packed rows with data.packing, else padded examples.
+    Both are pure functions of (examples, seed, index) with the same `get` / `tokens` / `example_indices`."""
+    if cfg.data.packing:
+        from lopt_dist.data.packing import PackedMicroBatches
+
+        return PackedMicroBatches(examples, cfg.train.micro_batch_size, cfg.data.shuffle, cfg.data.seed,
+                                  pad_token_id, cfg.data.max_seq_length)
+    return MicroBatches(examples, cfg.train.micro_batch_size, cfg.data.shuffle, cfg.data.seed, pad_token_id)

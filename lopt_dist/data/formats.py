@@ -5,6 +5,8 @@ Supported row formats (the columns each needs):
   instruction        instruction, output (input optional, appended to the instruction)
   prompt_completion  prompt (text, or a list of chat messages), completion
   messages           messages: chat turns; the last must be the assistant's and is the completion
+  query_response     query, response (MetaMathQA, the paper's SFT data)
+  text               text: plain text with no prompt, every token learned (continued pre-training, retention)
 "auto" picks the format from a row's columns, in the order above from the most specific.
 """
 
@@ -25,6 +27,8 @@ FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prompt_completion": (("prompt", "completion"), ()),
     "instruction": (("instruction", "output"), ("input",)),
     "gsm8k": (("question", "answer"), ()),
+    "query_response": (("query", "response"), ()),
+    "text": (("text",), ()),
 }
 
 
@@ -64,7 +68,8 @@ def check_columns(columns: list[str], fmt: str, where: str) -> str:
 
 
 def parse_row(row: dict[str, Any], fmt: str, index: int) -> tuple[list[Message], str]:
-    """(prompt messages, completion) of `row`; DataError naming the row and the columns when it does not fit."""
+    """(prompt messages, completion) of `row`; DataError naming the row and the columns when it does not fit.
+    The prompt is empty (no messages) for the `text` format."""
     _require_known(fmt)
     parser = _PARSERS[fmt]
     try:
@@ -144,8 +149,18 @@ def _parse_messages(row: dict[str, Any]) -> tuple[list[Message], str]:
     return messages[:-1], messages[-1]["content"]
 
 
+def _parse_query_response(row: dict[str, Any]) -> tuple[list[Message], str]:
+    return [{"role": "user", "content": _text(row, "query")}], _text(row, "response")
+
+
+def _parse_text(row: dict[str, Any]) -> tuple[list[Message], str]:
+    return [], _text(row, "text")
+
+
 _PARSERS = {
     "gsm8k": _parse_gsm8k,
+    "query_response": _parse_query_response,
+    "text": _parse_text,
     "instruction": _parse_instruction,
     "prompt_completion": _parse_prompt_completion,
     "messages": _parse_messages,

@@ -7,20 +7,26 @@ from torch import nn
 from torch.nn import functional as F
 
 # The decoder starts near zero so that the reconstruction loss begins as the plain energy of the target and
-# the first updates of the stage are not driven by a random projection.
+# the first updates of the stage are not driven by a random projection: N(0, 0.02) ("normal"), or, as the
+# paper's reference implementation, xavier-uniform with gain 0.1 ("xavier").
 DECODER_INIT_STD = 0.02
+DECODER_XAVIER_GAIN = 0.1
+DECODER_INITS = ("normal", "xavier")
 
 
 class ReconstructionDecoder(nn.Module):
     """LayerNorm -> Linear(h, h/4) -> GELU -> Linear(h/4, h)."""
 
-    def __init__(self, hidden_size: int, seed: int) -> None:
+    def __init__(self, hidden_size: int, seed: int, init: str = "normal") -> None:
         super().__init__()
+        if init not in DECODER_INITS:
+            raise ValueError(f"decoder init must be one of {DECODER_INITS}, got {init!r}")
         width = max(1, hidden_size // 4)
         self.norm = nn.LayerNorm(hidden_size)
         self.up = nn.Linear(hidden_size, width)
         self.down = nn.Linear(width, hidden_size)
         self.seed = seed
+        self.init = init
         self.reset_parameters()
 
     @torch.no_grad()
@@ -31,7 +37,12 @@ class ReconstructionDecoder(nn.Module):
         self.norm.reset_parameters()
         gen = torch.Generator().manual_seed(self.seed)
         for linear in (self.up, self.down):
-            linear.weight.copy_(torch.randn(linear.weight.shape, generator=gen) * DECODER_INIT_STD)
+            # Drawn on the CPU generator, then copied: the same values whatever device the decoder lives on.
+            if self.init == "xavier":
+                start = nn.init.xavier_uniform_(torch.empty(linear.weight.shape), DECODER_XAVIER_GAIN, generator=gen)
+            else:
+                start = torch.randn(linear.weight.shape, generator=gen) * DECODER_INIT_STD
+            linear.weight.copy_(start)
             linear.bias.zero_()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@ build a small random instance of the user's model class from the user's own conf
 the same family options), cut it at the run's boundaries scaled to its depth, and compare in fp32 on a padded
 batch: the composed stages' logits with the unsplit model's, the exported model (written by export_model and
 reloaded with AutoModelForCausalLM) with the unsplit model, and, for MoE families, the router logits the
-stages see with the ones the family records. Anything above the tolerance, or any failure to split, refuses
-the run with one line. The verdict is cached per (class, config, boundaries, versions, lopt-dist's model code),
+stages see with the ones the family records; with sequence packing (data.packing) also the stages' and the
+family's own logits on the same sequences packed into shared rows (per-example position ids, no padding mask)
+with the unpacked ones. Anything above the tolerance, or any failure to split, refuses the run with one line. The verdict is cached per (class, config, boundaries, versions, lopt-dist's model code),
 so it costs seconds once.
 """
 
@@ -73,17 +74,23 @@ class Verdict:
 
 
 def check_family(config: PretrainedConfig, boundaries: list[int], attn_implementation: str = "sdpa",
-                 cache_root: Path | None = None) -> Verdict:
+                 cache_root: Path | None = None, packed: bool = False) -> Verdict:
     """Check the split of `config`'s family at `boundaries` (full-model layer indices); raise if it is wrong.
+    `packed`: check packed batches too (data.packing), which only the kernels the check runs may use.
 
     Raises ModelStructureError (the model's layout) or FamilyCheckError (the split differs); returns the
     verdict otherwise. `cache_root`: where verdicts are kept (default: lopt-dist's cache directory).
     """
+    if packed and attn_implementation not in _CHECK_ATTN:
+        raise FamilyCheckError(
+            f"data.packing: model.attn_implementation={attn_implementation!r} is not one lopt-dist can verify packed "
+            f"batches with (its kernels read packing from arguments the stages do not pass); use one of "
+            f"{list(_CHECK_ATTN)}, or data.packing=false")
     attn = attn_implementation if attn_implementation in _CHECK_ATTN else "sdpa"
-    path = _cache_path(config, boundaries, attn, cache_root)
+    path = _cache_path(config, boundaries, attn, cache_root, packed)
     verdict = _read_cached(path)
     if verdict is None:
-        verdict = _run_check(config, boundaries, attn)
+        verdict = _run_check(config, boundaries, attn, packed)
         _write_cached(path, verdict)
     else:
         verdict.cached = True
@@ -97,7 +104,7 @@ def check_family(config: PretrainedConfig, boundaries: list[int], attn_implement
 # ------------------------------------------------------------------------------------------------- the check
 
 
-def _run_check(config: PretrainedConfig, boundaries: list[int], attn: str) -> Verdict:
+def _run_check(config: PretrainedConfig, boundaries: list[int], attn: str, packed: bool = False) -> Verdict:
     start = time.perf_counter()
     family = f"{config.__class__.__name__.removesuffix('Config')} (model_type {config.model_type!r})"
     try:
@@ -105,6 +112,8 @@ def _run_check(config: PretrainedConfig, boundaries: list[int], attn: str) -> Ve
         family = f"{type(model).__name__} (model_type {config.model_type!r})"
         where = f"stages at layers {cuts} of {model.config.num_hidden_layers}"
         problems = _compare(model, cuts, attn)
+        if packed:
+            problems += _packing_problems(model, cuts)
     except ModelStructureError as err:  # the layout or the glue is refused, with its own message
         return Verdict(False, family, str(err), time.perf_counter() - start)
     except Exception as err:  # noqa: BLE001 - any failure to split is a refusal, named
@@ -118,7 +127,8 @@ def _run_check(config: PretrainedConfig, boundaries: list[int], attn: str) -> Ve
                    f"config (fp32, padded batch, {where}): {'; '.join(problems)}, so lopt-dist "
                    f"would train a different function from the one it exports. {_WHAT_TO_DO}")
         return Verdict(False, family, message, seconds)
-    return Verdict(True, family, f"{family}: split and export reproduce the model on a small instance ({where})",
+    checked = "split, export and packed batches reproduce" if packed else "split and export reproduce"
+    return Verdict(True, family, f"{family}: {checked} the model on a small instance ({where})",
                    seconds)
 
 
@@ -179,6 +189,33 @@ def _compare(model, cuts: list[int], attn: str) -> list[str]:
     if diff is not None:
         problems.append(f"the exported model's logits differ from the unsplit model's by up to {diff:.3g} "
                         f"(tolerance {TOLERANCE:g})")
+    return problems
+
+
+def _packing_problems(model, cuts: list[int]) -> list[str]:
+    """The stages (and the family's own forward, which e2e runs) on the check's sequences packed into two rows,
+    against the unpacked unsplit model: per-example position ids must keep the examples apart exactly."""
+    from lopt_dist.data.packing import collate_packed  # the data pipeline's own packing
+
+    batch = _padded_batch()
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    examples = [{"input_ids": batch["input_ids"][i, :n].tolist(), "labels": batch["input_ids"][i, :n].tolist()}
+                for i, n in enumerate(lengths)]
+    packed = collate_packed([[examples[0], examples[2]], [examples[1]]], pad_token_id=0)
+    where = [(0, 0), (1, 0), (0, lengths[0])]  # (row, start) of each example in the packed rows
+    stages = split_model(model, cuts, lambda_aux=1.0, seed=0, packed=True)
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        split, _ = _composed(stages, packed, None)
+        own = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+    problems = []
+    for name, got in (("the stages'", split), ("the family's own forward's", own)):
+        worst = [d for i, (row, start) in enumerate(where)
+                 if (d := _excess(got[row, start:start + lengths[i]], want[i, :lengths[i]])) is not None]
+        if worst:
+            problems.append(f"on packed sequences {name} logits differ from the unpacked model's by up to "
+                            f"{max(worst):.3g} (tolerance {TOLERANCE:g}), so data.packing would let examples see "
+                            "each other: set data.packing=false")
     return problems
 
 
@@ -307,11 +344,13 @@ def _narrow(small: PretrainedConfig, config: PretrainedConfig) -> None:
 # ------------------------------------------------------------------------------------------------- the cache
 
 
-def _cache_path(config: PretrainedConfig, boundaries: list[int], attn: str, cache_root: Path | None) -> Path:
+def _cache_path(config: PretrainedConfig, boundaries: list[int], attn: str, cache_root: Path | None,
+                packed: bool = False) -> Path:
     values = {k: v for k, v in config.to_dict().items()
               if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
     key = json.dumps({
         "config_class": type(config).__name__, "config": values, "boundaries": list(boundaries), "attn": attn,
+        **({"packed": True} if packed else {}),
         "transformers": transformers.__version__, "torch": torch.__version__, "code": _model_code_digest(),
     }, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
@@ -321,7 +360,8 @@ def _cache_path(config: PretrainedConfig, boundaries: list[int], attn: str, cach
 def _model_code_digest() -> str:
     """lopt-dist's own split, glue and export code: a change to it invalidates every cached verdict."""
     sha = hashlib.sha256()
-    for source in sorted(Path(__file__).parent.glob("*.py")):
+    packing = Path(__file__).parents[1] / "data" / "packing.py"  # the packed batches the check builds
+    for source in [*sorted(Path(__file__).parent.glob("*.py")), packing]:
         sha.update(source.read_bytes())
     return sha.hexdigest()
 

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from lopt_dist.config import ConfigError, ExperimentConfig
 from lopt_dist.model.key_plan import KeyPlan
+from lopt_dist.model.lora import apply_model_lora
 from lopt_dist.model.stages import Stage, split_model
 from lopt_dist.model.weights import WeightFiles
 from lopt_dist.telemetry.memory import current_rss_bytes, peak_rss_bytes
@@ -57,8 +58,11 @@ def load_stage(
         plan = KeyPlan(skeleton, files.weight_map, files.location)  # before any weight is read
         with init_empty_weights(include_buffers=False):  # the untied head and the decoder start empty too
             [stage] = split_model(skeleton, cfg.model.boundaries, cfg.train.lambda_aux, cfg.train.seed,
-                                  only=stage_index)
+                                  only=stage_index, decoder_init=cfg.train.decoder_init, packed=cfg.data.packing)
         materialise(stage, plan, files, dtype, device, partition)
+        # LoRA wraps the materialised layers (model.lora); under ZeRO-3 DeepSpeed partitions the small adapters
+        # when the engine is built.
+        apply_model_lora(stage, cfg.model, cfg.train.seed, stage_index)
     finally:
         files.close()
     stage.train()

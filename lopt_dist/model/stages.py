@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from lopt_dist.config import ConfigError
 from lopt_dist.model.decoder import ReconstructionDecoder, reconstruction_loss
+from lopt_dist.model.lora import merged_state_dict
 from lopt_dist.model.parts import DecoderParts, find_parts
 
 BOUNDARY_KEYS = ("hidden_states", "attention_mask", "position_ids", "labels")
@@ -63,6 +64,8 @@ class Stage(nn.Module):
         is_last: bool,
         lambda_aux: float,
         decoder_seed: int,
+        decoder_init: str = "normal",
+        packed: bool = False,
     ) -> None:
         super().__init__()
         self.config = parts.config
@@ -71,6 +74,10 @@ class Stage(nn.Module):
         self.is_first = index == 0
         self.is_last = is_last
         self.lambda_aux = lambda_aux
+        # Packed batches (data.packing): several examples per row, told apart by position ids that restart at 0.
+        # The family's mask helpers then get no padding mask, so that they build per-example causal masks from
+        # the position ids; the 2D mask still says which tokens are real, for the losses.
+        self.packed = packed
         self.names = (parts.embed_name, parts.layers_name, parts.norm_name, parts.head_name)
         start, end = layer_range
         self.layers = nn.ModuleList(parts.layers[start:end])
@@ -82,13 +89,16 @@ class Stage(nn.Module):
         self.embed = parts.embed if self.is_first else None
         self.norm = parts.norm if is_last else None
         self.head = _untied_head(parts) if is_last else None
-        self.decoder = None if is_last else ReconstructionDecoder(parts.config.hidden_size, decoder_seed)
+        self.decoder = None if is_last else ReconstructionDecoder(parts.config.hidden_size, decoder_seed, decoder_init)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StageOutput:
         if self.is_first:
             hidden = self.glue.embed(self.embed, batch["input_ids"])
             mask2d = batch["attention_mask"]
-            position_ids = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+            if self.packed:  # restarting at each example; they travel to the next stages with the activations
+                position_ids = batch["position_ids"]
+            else:
+                position_ids = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
         else:
             hidden, mask2d, position_ids = batch["hidden_states"], batch["attention_mask"], batch["position_ids"]
         stage_input = hidden.detach()
@@ -120,7 +130,7 @@ class Stage(nn.Module):
         return hidden, router(router_logits, mask2d) if router_logits else None
 
     def run_layers(self, hidden: torch.Tensor, mask2d: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        masks = self.glue.masks(self.config, hidden, mask2d, position_ids, self.layer_types)
+        masks = self.glue.masks(self.config, hidden, None if self.packed else mask2d, position_ids, self.layer_types)
         position_embeddings = self.glue.position_embeddings(self.rotary, hidden, position_ids, self.layer_types)
         for layer, kind in zip(self.layers, self.layer_types):
             out = layer(
@@ -146,8 +156,8 @@ class Stage(nn.Module):
         return f"{prefix}.{rest}" if prefix is not None else None
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """This stage's weights under the full model's parameter names (decoder left out)."""
-        return {name: value for key, value in self.state_dict().items() if (name := self.hf_name(key)) is not None}
+        """This stage's weights under the full model's parameter names (decoder left out, LoRA adapters merged)."""
+        return merged_state_dict(self, self.hf_name)
 
 
 def _untied_head(parts: DecoderParts) -> nn.Linear:
@@ -170,8 +180,11 @@ def split_model(
     lambda_aux: float,
     seed: int,
     only: int | None = None,
+    decoder_init: str = "normal",
+    packed: bool = False,
 ) -> list[Stage]:
-    """Cut `model` into stages. With `only`, build just that stage (a worker keeps only its own)."""
+    """Cut `model` into stages. With `only`, build just that stage (a worker keeps only its own).
+    `decoder_init`: train.decoder_init; `packed`: the stages will get packed batches (data.packing)."""
     parts = find_parts(model)
     cuts = [0, *resolve_boundaries(boundaries, parts.num_layers), parts.num_layers]
     num_stages = len(cuts) - 1
@@ -187,6 +200,8 @@ def split_model(
                 is_last=i == num_stages - 1,
                 lambda_aux=lambda_aux,
                 decoder_seed=seed * 1009 + i,
+                decoder_init=decoder_init,
+                packed=packed,
             )
         )
     return stages

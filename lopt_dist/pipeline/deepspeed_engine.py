@@ -173,7 +173,7 @@ def build_engine(stage: Stage, cfg: ExperimentConfig, stage_index: int, ds_confi
     import deepspeed
 
     lr = stage_lr(stage_index, cfg.model.num_stages, cfg.train)
-    optimizer = build_optimizer(stage, lr, cfg.train.weight_decay)
+    optimizer = build_optimizer(stage, lr, cfg.train.weight_decay, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     engine, _, _, _ = deepspeed.initialize(model=stage, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine

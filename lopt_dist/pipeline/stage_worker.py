@@ -96,13 +96,12 @@ class StageWorker(WorkerBase):
         return self.load_report.parameters
 
     def _build_data(self) -> None:
-        from lopt_dist.data import MicroBatches, build_examples
+        from lopt_dist.data import build_examples, micro_batches
         from lopt_dist.model.loading import load_tokenizer
 
         tokenizer = load_tokenizer(self.cfg.model.name)
         examples = build_examples(self.cfg.data, tokenizer)
-        self.batches = MicroBatches(examples, self.cfg.train.micro_batch_size, self.cfg.data.shuffle,
-                                    self.cfg.data.seed, tokenizer.pad_token_id)
+        self.batches = micro_batches(examples, self.cfg, tokenizer.pad_token_id)
 
     def _join_boundaries(self, boundaries: list[BoundaryAddress]) -> None:
         # Incoming boundary first, then outgoing: stage s waits for stage s-1 to join boundary s-1 only after

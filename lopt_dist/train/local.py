@@ -27,6 +27,7 @@ from lopt_dist.checkpoint.local_state import (
 from lopt_dist.config import ExperimentConfig
 from lopt_dist.model import Stage, causal_lm_loss, split_model
 from lopt_dist.model.glue import router_aux_loss_coef
+from lopt_dist.model.lora import apply_model_lora, merged_state_dict
 from lopt_dist.telemetry.memory import memory_snapshot, reset_peak
 from lopt_dist.train.optim import build_optimizer, build_scheduler, stage_lr
 from lopt_dist.train.precision import MasterWeights, run_dtype
@@ -62,7 +63,7 @@ class _Trainable:
     def __init__(self, module: nn.Module, lr: float, cfg: ExperimentConfig) -> None:
         self.module = module
         self.masters = MasterWeights(module) if run_dtype(cfg.train) == torch.bfloat16 else None
-        self.optimizer = build_optimizer(self.weights, lr, cfg.train.weight_decay)
+        self.optimizer = build_optimizer(self.weights, lr, cfg.train.weight_decay, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.grad_clip = cfg.train.grad_clip
 
@@ -99,12 +100,15 @@ class LocalTrainer:
         self.step = 0
         self.is_lopt = cfg.train.method == "lopt"
         if self.is_lopt:
-            self.stages: list[Stage] = split_model(model, cfg.model.boundaries, cfg.train.lambda_aux, cfg.train.seed)
+            self.stages: list[Stage] = split_model(model, cfg.model.boundaries, cfg.train.lambda_aux, cfg.train.seed,
+                                                   decoder_init=cfg.train.decoder_init, packed=cfg.data.packing)
             for stage in self.stages:
+                apply_model_lora(stage, cfg.model, cfg.train.seed, stage.index)  # as the stage loader does
                 stage.to(device).train()
             n = len(self.stages)
             self.trainables = [_Trainable(s, stage_lr(i, n, cfg.train), cfg) for i, s in enumerate(self.stages)]
         else:
+            apply_model_lora(model, cfg.model, cfg.train.seed, None)
             self.model = model.to(device).train()
             self.router_coef = router_aux_loss_coef(model)
             self.trainables = [_Trainable(self.model, cfg.train.lr, cfg)]
@@ -160,7 +164,11 @@ class LocalTrainer:
     def _e2e_micro(self, batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
         # MoE families: the family's own forward computes its router loss over all layers, as stages do per stage.
         moe = {"output_router_logits": True} if self.router_coef is not None else {}
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **moe)
+        if self.cfg.data.packing:  # no padding mask: the family's mask helpers read the examples off the positions
+            inputs = {"attention_mask": None, "position_ids": batch["position_ids"], "use_cache": False}
+        else:
+            inputs = {"attention_mask": batch["attention_mask"]}
+        out = self.model(input_ids=batch["input_ids"], **inputs, **moe)
         task = causal_lm_loss(out.logits, batch["labels"])
         loss, router = task, {}
         if getattr(out, "aux_loss", None) is not None:
@@ -190,7 +198,8 @@ class LocalTrainer:
 
     def stage_weights(self) -> list[dict[str, torch.Tensor]]:
         """Weights for export, under the full model's names: the float32 master values under bf16."""
-        return [t.weights.hf_state_dict() if self.is_lopt else t.weights.state_dict() for t in self.trainables]
+        return [t.weights.hf_state_dict() if self.is_lopt else merged_state_dict(t.weights, _same_name)
+                for t in self.trainables]
 
 
 def _same_name(key: str) -> str:

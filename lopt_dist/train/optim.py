@@ -13,8 +13,11 @@ from torch import nn
 
 from lopt_dist.config import TrainConfig
 
-ADAM_BETAS = (0.9, 0.95)
-ADAM_EPS = 1e-8
+
+
+def adam_hyperparameters(train: TrainConfig) -> dict[str, object]:
+    """AdamW's betas and eps, as every path builds it (single process and every DeepSpeed group)."""
+    return {"betas": tuple(train.adam_betas), "eps": train.adam_eps}
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -29,19 +32,23 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def build_optimizer(module: nn.Module, lr: float, weight_decay: float,
+                    train: TrainConfig | None = None) -> torch.optim.AdamW:
+    """AdamW over the module's trainable parameters only (frozen LoRA bases are left out), with the betas and eps
+    of `train` (None: the defaults of train.adam_betas / train.adam_eps)."""
     # foreach=False: the same kernel on every path, so per-element results match bit for bit.
-    return torch.optim.AdamW(
-        param_groups(module, weight_decay), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=False
-    )
+    return torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, foreach=False,
+                             **adam_hyperparameters(train or TrainConfig()))
 
 
 def lr_multiplier(step: int, train: TrainConfig) -> float:
-    """Linear warm-up to 1, then cosine down to `min_lr_ratio` at the last step. `step` counts from 0."""
-    if step < train.warmup_steps:
-        return (step + 1) / train.warmup_steps
-    decay_steps = max(1, train.steps - train.warmup_steps - 1)
-    progress = min(1.0, (step - train.warmup_steps) / decay_steps)
+    """Linear warm-up to 1 over `train.warmup` steps, then cosine down to `min_lr_ratio` at the last step.
+    `step` counts from 0."""
+    warmup = train.warmup
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_steps = max(1, train.steps - warmup - 1)
+    progress = min(1.0, (step - warmup) / decay_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return train.min_lr_ratio + (1.0 - train.min_lr_ratio) * cosine
 

@@ -147,4 +147,4 @@ def test_lengths_are_counted_before_cutting(tmp_path, tokenizer):
                            tokenizer)
     assert (len(built), built.truncated, built.skipped_too_long) == (4, 1, 0)
     assert max(built.lengths) > 96 and all(len(e["input_ids"]) <= 96 for e in built.examples)
-    assert "4 examples, 1 of them cut to data.max_seq_length=96" in built.summary(DataConfig(max_seq_length=96))
+    assert "4 examples, 1 of them with the answer cut to data.max_seq_length=96" in built.summary(DataConfig(max_seq_length=96))

@@ -52,9 +52,9 @@ def test_detect_format(columns, expected):
 
 def test_detect_format_failure_lists_the_formats():
     with pytest.raises(DataError) as err:
-        detect_format(["text"])
+        detect_format(["body"])
     message = str(err.value)
-    assert "['text']" in message and "question, answer" in message and "data.format" in message
+    assert "['body']" in message and "question, answer" in message and "data.format" in message
 
 
 @pytest.mark.parametrize(

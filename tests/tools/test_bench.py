@@ -169,3 +169,26 @@ def test_static_settings_are_checked_once():
         BenchConfig(**{**QUICK, "workers": 1})
     with pytest.raises(BenchConfigError, match="--rows"):
         BenchConfig(**{**QUICK, "rows": ["e2e", "fsdp"]})
+
+
+def test_data_and_packing_options_are_checked_once():
+    with pytest.raises(BenchConfigError, match="--packing: packs the examples of --data"):
+        BenchConfig(**{**QUICK, "packing": True})
+    with pytest.raises(BenchConfigError, match="--data: the .*'pp'.* rows train on fixed-length samples only"):
+        BenchConfig(model="smollm2-135m", data="builtin:arithmetic", rows=["lopt-dist", "pp"])
+    with pytest.raises(BenchConfigError, match="--data: tokenizes with the model's own tokenizer"):
+        BenchConfig(**{**QUICK, "data": "builtin:arithmetic", "rows": ["lopt-dist"]})
+    BenchConfig(model="smollm2-135m", data="builtin:arithmetic", packing=True, rows=["e2e", "lopt", "lopt-dist"])
+
+
+def test_data_rows_count_real_tokens(smol_tokenizer):
+    """--data: each row's batches are lopt-train's own (padded, or packed), and tokens/s counts their real tokens."""
+    from tools.bench.data import bench_batches
+    from tools.bench.models import prepare_model
+
+    cfg = BenchConfig(model="smollm2-135m", data="builtin:arithmetic", seq_len=256, rows=["lopt-dist"])
+    model = prepare_model(cfg)
+    padded = bench_batches(cfg, model, 2)
+    packed = bench_batches(BenchConfig(**{**cfg.to_dict(), "packing": True}), model, 2)
+    assert int(padded.get(0)["attention_mask"].sum()) == padded.tokens(0)
+    assert "position_ids" in packed.get(0) and packed.tokens(0) > padded.tokens(0)  # rows of several examples

@@ -55,6 +55,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lopt-dist-deepspeed-config", help="DeepSpeed JSON of the lopt-dist stage groups "
                                                         "(default configs/deepspeed/zero0.json, as lopt-train's "
                                                         "one-worker groups)")
+    p.add_argument("--data", help="rows e2e, lopt, lopt-dist train on this lopt-dist data.source (e.g. "
+                                  "builtin:arithmetic or a .jsonl file) instead of fixed-length random samples; "
+                                  "tokens/s counts real tokens")
+    p.add_argument("--packing", action="store_true", default=None,
+                   help="with --data: pack several examples per row of --seq-len tokens (data.packing)")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", dest="out_dir", help="output directory (default bench-out)")
     p.add_argument("--verbose", action="store_true", help="show the workers' own logs")

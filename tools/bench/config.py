@@ -17,7 +17,7 @@ from lopt_dist.config import ConfigError
 
 # Rows in the order they run and are reported; "stage-alone" is the per-stage reference measurement.
 ROWS = ("e2e", "lopt", "stage-alone", "pp", "zero2", "lopt-dist")
-# Rows that train through lopt-dist's LocalTrainer / StageWorker and so honour train.dtype.
+# Rows that train through lopt-dist's LocalTrainer / StageWorker and so honour train.dtype (and --data, --packing).
 BF16_ROWS = ("e2e", "lopt", "lopt-dist")
 # Schedules of torch.distributed.pipelining, by the name the CLI takes.
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zbv", "interleaved-zb")
@@ -57,6 +57,10 @@ class BenchConfig:
     zero2_config: str = str(_DEEPSPEED / "zero2.json")  # DeepSpeed JSON of the data-parallel row; ZeRO stage 2
     # DeepSpeed JSON of the lopt-dist groups: as lopt-train's default configs for one-worker groups, ZeRO-0.
     lopt_dist_deepspeed_config: str = str(_DEEPSPEED / "zero0.json")
+    # An lopt-dist data.source (builtin:arithmetic, a .jsonl file): rows train on its tokenized examples, cut from
+    # the left to seq_len, right-padded per micro-batch (or packed with `packing`); tokens/s counts real tokens.
+    data: str | None = None
+    packing: bool = False  # --data rows packed several examples per row of seq_len tokens (data.packing)
     lr: float = 1e-5
     seed: int = 0
     out_dir: str = "bench-out"
@@ -82,6 +86,13 @@ class BenchConfig:
         fp32_only = [r for r in self.rows if r not in BF16_ROWS]
         _require(self.dtype == "float32" or not fp32_only, "--dtype",
                  f"the {fp32_only} rows train in float32 only; give --rows {','.join(BF16_ROWS)} with bfloat16")
+        _require(not self.packing or self.data is not None, "--packing", "packs the examples of --data; give --data")
+        _require(self.data is None or not self.is_random_model, "--data",
+                 "tokenizes with the model's own tokenizer, which random models lack; give --model smollm2-135m or a "
+                 "checkpoint directory")
+        fixed = [r for r in self.rows if r not in BF16_ROWS]
+        _require(self.data is None or not fixed, "--data",
+                 f"the {fixed} rows train on fixed-length samples only; give --rows {','.join(BF16_ROWS)} with --data")
         unknown = [s for s in self.schedules if s not in SCHEDULES]
         _require(not unknown, "--schedules", f"unknown {unknown}: choose from {list(SCHEDULES)}")
         _require("pp" not in self.rows or bool(self.schedules), "--schedules", "give at least one for the pp rows")

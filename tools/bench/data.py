@@ -37,3 +37,17 @@ class SyntheticBatches:
 
     def tokens(self, index: int) -> int:
         return self.micro_batch_size * self.seq_len
+
+
+def bench_batches(cfg, model, micro_batch_size: int):
+    """The micro-batches of a row that trains through lopt-dist's trainers: `--data`'s examples (padded, or packed
+    with `--packing`, as lopt-train makes them), else the synthetic samples."""
+    if cfg.data is None:
+        return SyntheticBatches(micro_batch_size, cfg.seq_len, model.vocab_size, cfg.seed)
+    from lopt_dist.data import build_examples, micro_batches
+    from lopt_dist.model.loading import load_tokenizer
+    from tools.bench.experiment import data_config, experiment_config
+
+    tokenizer = load_tokenizer(model.path)
+    examples = build_examples(data_config(cfg), tokenizer)
+    return micro_batches(examples, experiment_config(cfg, model), tokenizer.pad_token_id)

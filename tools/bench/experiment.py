@@ -11,6 +11,7 @@ from typing import Literal
 
 from lopt_dist.config import (
     CheckpointConfig,
+    DataConfig,
     ExperimentConfig,
     GroupConfig,
     LoggingConfig,
@@ -26,6 +27,12 @@ from tools.bench.models import ModelInfo, even_boundaries
 def pipeline_boundaries(cfg: BenchConfig, model: ModelInfo) -> list[int]:
     """Where the `workers` stages of lopt-dist and of the one-stage-per-rank pipeline schedules start."""
     return list(cfg.boundaries) if cfg.boundaries is not None else even_boundaries(model.num_layers, cfg.workers)
+
+
+def data_config(cfg: BenchConfig) -> DataConfig:
+    """`--data` as lopt-train's data section: rows cut from the left to --seq-len (answers kept), packed or not."""
+    return DataConfig(source=cfg.data or "builtin:arithmetic", max_seq_length=cfg.seq_len, truncation="left",
+                      packing=cfg.packing, seed=cfg.seed)
 
 
 def experiment_config(
@@ -47,6 +54,7 @@ def experiment_config(
         name="lopt-bench",
         output_dir=f"{cfg.out_dir}/run",
         model=ModelConfig(name=model.path, boundaries=pipeline_boundaries(cfg, model)),
+        data=data_config(cfg),
         train=TrainConfig(method=method, steps=cfg.total_steps, micro_batch_size=cfg.micro_batch_size,
                           micro_batches_per_step=cfg.micro_batches, lr=cfg.lr, grad_clip=0.0, seed=cfg.seed,
                           dtype=cfg.dtype),

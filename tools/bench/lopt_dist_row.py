@@ -15,7 +15,7 @@ from lopt_dist.pipeline.driver import PipelineDriver
 from lopt_dist.pipeline.stage_worker import StageWorker
 from lopt_dist.pipeline.futures import wait_all
 from tools.bench.config import BenchConfig
-from tools.bench.data import SyntheticBatches
+from tools.bench.data import bench_batches
 from tools.bench.experiment import experiment_config
 from lopt_dist.telemetry.memory import reset_peak, step_peak_bytes
 from tools.bench.measure import EventLog, WorkerRecord, device_name, peak_memory
@@ -75,15 +75,14 @@ class _TimedReceiver:
 
 
 class BenchStageWorker(StageWorker):
-    def __init__(self, cfg: ExperimentConfig, stage_index: int, bench: BenchConfig, vocab_size: int) -> None:
+    def __init__(self, cfg: ExperimentConfig, stage_index: int, bench: BenchConfig, model: ModelInfo) -> None:
         super().__init__(cfg, stage_index)
         self.bench = bench
-        self.vocab_size = vocab_size
+        self.model_info = model
         self.windows: list[tuple[float, float]] = []
 
     def _build_data(self) -> None:
-        self.batches = SyntheticBatches(self.cfg.train.micro_batch_size, self.bench.seq_len, self.vocab_size,
-                                        self.bench.seed)
+        self.batches = bench_batches(self.bench, self.model_info, self.cfg.train.micro_batch_size)
 
     def setup(self, *args) -> int:
         parameters = super().setup(*args)
@@ -115,7 +114,7 @@ class BenchStageWorker(StageWorker):
 def run_lopt_dist(bench: BenchConfig, model: ModelInfo, gpu: bool) -> list[WorkerRecord]:
     experiment = experiment_config(bench, model, mode="ray")
     experiment.runtime.device = "cuda" if gpu else "cpu"
-    driver = PipelineDriver.start(experiment, BenchStageWorker, (bench, model.vocab_size))
+    driver = PipelineDriver.start(experiment, BenchStageWorker, (bench, model))
     try:
         reports = list(driver.steps(0, bench.total_steps, checkpoint_at=lambda done: None))
         refs = {}
@@ -132,5 +131,7 @@ def run_lopt_dist(bench: BenchConfig, model: ModelInfo, gpu: bool) -> list[Worke
         record.bytes_sent = [s.bytes_sent for s in stats]
         record.bytes_received = [s.bytes_received for s in stats]
         record.loss_sums = [s.loss_sum for s in stats] if stats[0].stage == last_stage else None
+        if bench.data is not None and stats[0].stage == 0:  # every stage sees the same tokens: count them once
+            record.tokens = [s.tokens for s in stats]
         record.peak_mem_bytes = max(step_peak_bytes(s.memory) for s in stats)  # each step's own peak
     return records

@@ -77,6 +77,9 @@ class WorkerRecord:
     bytes_received: list[int | None] = field(default_factory=list)
     # Per step: the task loss summed over the micro-batches whose loss this worker computes; None if none.
     loss_sums: list[float] | None = None
+    # Per step: real (non-padding) tokens this worker fed into the model, where samples vary (--data); None: the
+    # fixed-length samples, whose count the settings give. Single-device workers and first-stage workers only.
+    tokens: list[int] | None = None
     peak_mem_bytes: int = 0  # since set-up ended
     mem_at_start_bytes: int = 0  # in use when set-up ended: weights, optimizer (if built eagerly), the runtime
     mem_kind: str = "peak RSS"

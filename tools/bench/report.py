@@ -106,8 +106,15 @@ def _settings_line(report: dict) -> str:
     return (f"lopt-bench: {m['name']} ({m['num_layers']} layers, hidden {m['hidden_size']}, "
             f"{m['parameters'] / 1e6:.1f}M params), {s['dtype']}, sequence {s['seq_len']}, global batch "
             f"{s['global_batch']} = {s['micro_batches']} micro-batches x {s['micro_batch_size']}, "
-            f"{s['tokens_per_step']} tokens/step; {s['warmup_steps']} warm-up + {s['steps']} measured steps; "
+            f"{_tokens(s)}; {s['warmup_steps']} warm-up + {s['steps']} measured steps; "
             f"pipeline cut at layers {s['pipeline_boundaries']}")
+
+
+def _tokens(s: dict) -> str:
+    if s.get("data") is None:
+        return f"{s['tokens_per_step']} tokens/step"
+    layout = "packed rows" if s.get("packing") else "padded examples"
+    return f"data {s['data']} in {layout} of up to {s['seq_len']} tokens, tokens/s of real tokens"
 
 
 def _main_table(rows: list[dict]) -> str:

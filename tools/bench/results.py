@@ -79,7 +79,10 @@ def summarize_row(run: RowRun, cfg: BenchConfig) -> RowSummary:
     records, warmup = run.records, cfg.warmup_steps
     ends = [max(r.windows[k][1] for r in records) for k in range(cfg.total_steps)]
     summary.step_s = [ends[k] - ends[k - 1] for k in range(warmup, cfg.total_steps)]
-    summary.tokens_per_s = [cfg.tokens_per_step / s for s in summary.step_s]
+    counted = [r.tokens for r in records if r.tokens is not None]  # --data: the real tokens of each step
+    tokens = ([sum(t[k] for t in counted) for k in range(warmup, cfg.total_steps)] if counted
+              else [cfg.tokens_per_step] * len(summary.step_s))
+    summary.tokens_per_s = [n / s for n, s in zip(tokens, summary.step_s)]
     summary.tokens_per_s_median = statistics.median(summary.tokens_per_s)
     summary.tokens_per_s_min, summary.tokens_per_s_max = min(summary.tokens_per_s), max(summary.tokens_per_s)
     summary.step_s_median = statistics.median(summary.step_s)

@@ -14,7 +14,7 @@ from lopt_dist.model.loading import load_causal_lm
 from lopt_dist.pipeline.worker import WorkerBase
 from lopt_dist.train.local import LocalTrainer
 from tools.bench.config import BenchConfig
-from tools.bench.data import SyntheticBatches
+from tools.bench.data import bench_batches
 from tools.bench.experiment import experiment_config
 from lopt_dist.telemetry.memory import reset_peak
 from tools.bench.measure import WorkerRecord, device_name, peak_memory
@@ -32,14 +32,15 @@ class SingleDeviceWorker(WorkerBase):
         device = self.claim_device(self.cfg.single_device_threads)
         torch.manual_seed(self.cfg.seed)
         hf_model = load_causal_lm(self.model.path)
-        batches = SyntheticBatches(self.cfg.micro_batch_size, self.cfg.seq_len, self.model.vocab_size, self.cfg.seed)
+        batches = bench_batches(self.cfg, self.model, self.cfg.micro_batch_size)
         experiment = experiment_config(self.cfg, self.model, method=self.method)
         self.trainer = LocalTrainer(experiment, hf_model, batches, device)
         self.mem_at_start = reset_peak(device)
 
     def run(self) -> WorkerRecord:
         device = self.trainer.device
-        record = WorkerRecord(label=f"{self.method} on one device", device=device_name(device), loss_sums=[])
+        record = WorkerRecord(label=f"{self.method} on one device", device=device_name(device), loss_sums=[],
+                              tokens=[] if self.cfg.data is not None else None)
         peak = 0
         for _ in range(self.cfg.total_steps):
             start = time.time()
@@ -54,6 +55,8 @@ class SingleDeviceWorker(WorkerBase):
             record.bytes_sent.append(0)
             record.bytes_received.append(0)
             record.loss_sums.append(result.task_loss * self.cfg.micro_batches)
+            if record.tokens is not None:
+                record.tokens.append(result.tokens)
         record.peak_mem_bytes, record.mem_kind = peak, peak_memory(device)[1]
         record.mem_at_start_bytes = self.mem_at_start
         return record

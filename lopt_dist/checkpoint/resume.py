@@ -25,7 +25,7 @@ _MUST_MATCH = (
     ("model", "name"), ("data", "source"), ("data", "hub_config"), ("data", "split"), ("data", "format"),
     ("data", "max_seq_length"), ("data", "shuffle"), ("data", "seed"), ("data", "max_samples"),
     ("data", "builtin_samples"), ("train", "method"), ("train", "micro_batch_size"),
-    ("train", "micro_batches_per_step"), ("train", "dtype"), ("runtime", "mode"),
+    ("train", "micro_batches_per_step"), ("train", "dtype"), ("runtime", "mode"), ("eval", "holdout"),
 )
 
 
@@ -115,10 +115,12 @@ def verify_files(path: Path, state: dict[str, Any]) -> None:
 def check_compatible(path: Path, state: dict[str, Any], cfg: ExperimentConfig, layout: RunLayout) -> None:
     saved, now = state["config"], cfg.to_dict()
     for section, key in _MUST_MATCH:
-        if saved[section][key] != now[section][key]:
+        # A key added to the config after the checkpoint was written had its default value then.
+        was = saved.get(section, {}).get(key, _default(section, key))
+        if was != now[section][key]:
             raise ConfigError(
                 f"{section}.{key}: is {now[section][key]!r} but the checkpoint {path} was made with "
-                f"{saved[section][key]!r}; resuming would change the batches or the model, so keep it as it was")
+                f"{was!r}; resuming would change the batches or the model, so keep it as it was")
     was = state["layout"]
     if was["boundaries"] != layout.boundaries:
         raise ConfigError(f"model.boundaries: cuts the model at {layout.boundaries} but the checkpoint {path} was "
@@ -137,6 +139,10 @@ def check_compatible(path: Path, state: dict[str, Any], cfg: ExperimentConfig, l
     if state["step"] >= cfg.train.steps:
         raise ConfigError(f"train.steps: the checkpoint {path} is already at step {state['step']}; "
                           f"set train.steps above {state['step']} to train further")
+
+
+def _default(section: str, key: str) -> Any:
+    return ExperimentConfig().to_dict()[section][key]
 
 
 def resume_point(store: CheckpointStore, cfg: ExperimentConfig, layout: RunLayout) -> ResumePoint:

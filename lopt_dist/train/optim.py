@@ -17,6 +17,12 @@ ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
 
 
+def adam_hyperparameters(train: TrainConfig) -> dict[str, object]:
+    """AdamW's betas and eps, as every path builds it (single process and every DeepSpeed group); the DeepSpeed
+    JSON check compares a JSON's optimizer block with these."""
+    return {"betas": ADAM_BETAS, "eps": ADAM_EPS}
+
+
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only; norms, biases and other vectors are left undecayed."""
     decay, no_decay = [], []

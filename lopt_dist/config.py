@@ -211,9 +211,6 @@ class CheckpointConfig:
         return parse_size(self.export_shard_size)
 
 
-SINKS = ("tensorboard", "wandb", "mlflow")
-
-
 @dataclass(kw_only=True)
 class LoggingConfig:
     progress: bool = True

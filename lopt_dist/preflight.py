@@ -130,9 +130,11 @@ def check_data(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, hf_con
 def check_evaluation(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, built: SFTExamples) -> None:
     """The held-out data reads as the training data does; a hold-out leaves examples on both sides."""
     evaluation = cfg.eval
-    if evaluation.split and not evaluation.source and is_local_file(cfg.data.source):
+    if evaluation.split and not evaluation.source and (is_local_file(cfg.data.source)
+                                                       or cfg.data.source.startswith(BUILTIN_PREFIX)):
+        kind = "a built-in dataset" if cfg.data.source.startswith(BUILTIN_PREFIX) else "a file"
         raise ConfigError(f"eval.split: {evaluation.split!r} names a split of a hub dataset, but data.source "
-                          f"{cfg.data.source} is a file; give the held-out file in eval.source")
+                          f"{cfg.data.source} is {kind}; give the held-out data in eval.source")
     if evaluation.source and is_local_file(evaluation.source) and not Path(evaluation.source).is_file():
         raise ConfigError(f"eval.source: file {evaluation.source} does not exist")
     if evaluation.holdout:

@@ -56,7 +56,7 @@ def test_a_split_of_a_local_file_is_refused_before_start(tiny_model_dir, tmp_pat
     data.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
     cfg = _config(tiny_model_dir("llama"), tmp_path / "run", f"data.source={data}", "eval.every=1", "eval.split=test")
     with pytest.raises(ConfigError, match=r"eval\.split: 'test' names a split of a hub dataset, but data\.source .* "
-                                          r"is a file; give the held-out file in eval\.source"):
+                                          r"is a file; give the held-out data in eval\.source"):
         prepare(cfg)
 
 

@@ -1,26 +1,17 @@
-"""The Ray job entry point, unchanged on a laptop and on a cluster.
+"""The Ray job entry point, kept for `python -m launcher.job` from the repository root: it is `lopt-train`.
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- python -m launcher.job configs/gsm8k.yaml
-    python -m launcher.job configs/default.yaml          # no cluster: starts an embedded local Ray
+    ray job submit --address http://HEAD:8265 --working-dir . -- lopt-train configs/cluster_zero3.yaml
+    lopt-train configs/default.yaml          # no cluster: starts an embedded local Ray
 
-Under `ray job submit` Ray sets RAY_ADDRESS for the entry point, so the run attaches to that cluster and its
-workers see the uploaded working directory; without it, the run starts its own local instance.
+Under `ray job submit` Ray sets RAY_ADDRESS for the entry point, so the run attaches to that cluster (it says so
+in its log); without it, the run starts its own local instance. See the README's "On a Ray cluster".
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from lopt_dist.cli import train_main
 
-
-def main(argv: list[str] | None = None) -> int:
-    where = os.environ.get("RAY_ADDRESS")
-    print(f"launcher: {'attaching to the Ray cluster at ' + where if where else 'starting an embedded local Ray'}",
-          flush=True)
-    return train_main(argv)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_main())

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from lopt_dist.paths import anchor_inputs
+
 
 class ConfigError(ValueError):
     """A user-fixable problem in the configuration; the message names the key and what is allowed."""
@@ -148,8 +150,8 @@ class TrainConfig:
         _require(self.lr_first is None or self.lr_first > 0, "train.lr_first", "must be > 0 or null")
         _require(self.lambda_aux >= 0, "train.lambda_aux", "must be >= 0")
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-        _require(0 <= self.warmup_steps < self.steps or self.warmup_steps == 0, "train.warmup_steps",
-                 f"must be smaller than train.steps ({self.steps})")
+        # A warm-up longer than the run is allowed (a short trial of a long recipe); preflight warns about it.
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         if self.warmup_ratio is not None:
             _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
             _require(self.warmup_steps == 0, "train.warmup_ratio",
@@ -270,21 +272,70 @@ class CheckpointConfig:
 @dataclass(kw_only=True)
 class LoggingConfig:
     progress: bool = True
-    tensorboard: bool = False
+    # Where each step's record goes besides output_dir/metrics.jsonl (always written: resume and lopt-plot read it).
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
+    wandb_project: str = "lopt-dist"  # W&B project; the run is named after `name` (WANDB_MODE=offline works)
+    mlflow_tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else MLflow's default
+    mlflow_experiment: str | None = None  # None: the run's `name`
+
+    def __post_init__(self) -> None:
+        _require(len(set(self.report_to)) == len(self.report_to), "logging.report_to",
+                 f"lists a sink twice: {self.report_to}")
+        _require(bool(self.wandb_project), "logging.wandb_project", "must not be empty")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation on held-out data during training: answer loss per stage every `every` steps."""
+
+    every: int = 0  # optimizer steps between evaluations (and after the last step); 0: no evaluation
+    # Held-out data, read like data.source (same format, tokenizer and max_seq_length); None: see `split` and
+    # `holdout`. Relative paths in a YAML file are relative to that file.
+    source: str | None = None
+    split: str | None = None  # hub split of `source` (or of data.source when source is None), e.g. "test"
+    # Fraction of data.source's examples held out of training and evaluated instead (when source and split
+    # are None); the split is seeded by data.seed, so it is the same on every worker and after a resume.
+    holdout: float = 0.0
+    micro_batches: int = 4  # held-out micro-batches of train.micro_batch_size evaluated each time, always the same
+    # Also the perplexity of general text (the pydoc topics of the standard library, as lopt-eval measures it):
+    # what the model keeps of its language modelling while it learns the task.
+    retention: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "eval.every", "must be >= 0 (0: no evaluation)")
+        _require(0 <= self.holdout < 1, "eval.holdout", f"must be in [0, 1), got {self.holdout}")
+        _require(self.micro_batches >= 1, "eval.micro_batches", "must be >= 1")
+        _require(not (self.holdout and (self.source or self.split)), "eval.holdout",
+                 "holds out part of data.source; it cannot be combined with eval.source or eval.split")
+        if self.every:
+            _require(bool(self.source or self.split or self.holdout or self.retention), "eval.every",
+                     "evaluates nothing: give eval.source (a held-out file or dataset), eval.split (a hub split), "
+                     "eval.holdout (a fraction of data.source) or eval.retention: true")
+
+    @property
+    def held_out_sets(self) -> bool:
+        """Whether answer loss is evaluated (besides retention)."""
+        return bool(self.source or self.split or self.holdout)
 
 
 @dataclass(kw_only=True)
 class ExperimentConfig:
     name: str = "lopt"
+    # Where metrics, checkpoints and the model go. A relative output_dir is relative to the current directory, or
+    # to storage_path when that is given (required for a relative output_dir under `ray job submit`).
     output_dir: str = "runs/lopt"
+    storage_path: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        _require(self.storage_path is None or Path(self.storage_path).expanduser().is_absolute(), "storage_path",
+                 f"must be an absolute directory (on storage every node sees), got {self.storage_path!r}")
         if self.runtime.mode == "ray":
             stages = self.model.num_stages
             _require(
@@ -455,13 +506,18 @@ def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read a YAML experiment file (or the defaults when path is None) and apply `--set` overrides."""
+    """Read a YAML experiment file (or the defaults when path is None) and apply `--set` overrides.
+
+    Relative input paths in the file are relative to the file's directory; in `--set` values, to the current
+    directory (lopt_dist/paths.py says which keys are inputs).
+    """
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         tree = _read_yaml(path)
+        anchor_inputs(tree, path.parent.resolve())
     if overrides and "runtime" in tree and "groups" in tree["runtime"]:
         tree["runtime"]["groups"] = [dict(g) for g in tree["runtime"]["groups"]]
     for item in overrides:

@@ -19,15 +19,18 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from lopt_dist.config import ConfigError, ExperimentConfig
-from lopt_dist.data import build_examples
+from lopt_dist.data import SFTExamples, build_examples
 from lopt_dist.data.sources import BUILTIN_PREFIX, is_local_file
+from lopt_dist.evaluation import eval_data_config, split_holdout
 from lopt_dist.model.loading import load_model_config, load_tokenizer
 from lopt_dist.model.lora import check_targets
 from lopt_dist.model.parts import ModelStructureError, find_parts
 from lopt_dist.model.selfcheck import check_family
 from lopt_dist.model.weights import check_readable
 from lopt_dist.model.stages import resolve_boundaries
-from lopt_dist.pipeline.deepspeed_engine import check_deepspeed_json, read_deepspeed_json
+from lopt_dist.paths import output_location
+from lopt_dist.pipeline.deepspeed_json import check_deepspeed_json, read_deepspeed_json
+from lopt_dist.telemetry.sinks import check_sinks
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +41,22 @@ HUB_ROWS_CHECKED = 100
 def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
     """`cfg` with local paths made absolute (workers may run elsewhere), after every pre-start check passed."""
     cfg = _absolute_paths(cfg)
+    check_schedule(cfg)
     hf_config = check_model(cfg)
     tokenizer = check_tokenizer(cfg)
     if cfg.runtime.mode == "ray":
         check_deepspeed(cfg)
-    check_data(cfg, tokenizer, hf_config)
+    built = check_data(cfg, tokenizer, hf_config)
+    check_evaluation(cfg, tokenizer, built)
+    check_sinks(cfg)
     check_output_dir(cfg)  # last: it creates the directory, which a failed check should not leave behind
     return cfg
+
+
+def check_schedule(cfg: ExperimentConfig) -> None:
+    if cfg.train.warmup and cfg.train.warmup >= cfg.train.steps:
+        logger.warning("train.warmup_steps=%d is not shorter than train.steps=%d: the learning rate rises for the whole "
+                       "run and never reaches train.lr", cfg.train.warmup, cfg.train.steps)
 
 
 def check_model(cfg: ExperimentConfig) -> PretrainedConfig:
@@ -106,12 +118,14 @@ def check_tokenizer(cfg: ExperimentConfig) -> PreTrainedTokenizerBase:
 
 
 def check_deepspeed(cfg: ExperimentConfig) -> None:
+    """Each group's JSON against the experiment; what it says that lopt-dist replaces is shown once, here."""
     for i, group in enumerate(cfg.runtime.groups):
         key = f"runtime.groups[{i}].deepspeed_config"
-        check_deepspeed_json(read_deepspeed_json(group.deepspeed_config, key), cfg, group, key)
+        for warning in check_deepspeed_json(read_deepspeed_json(group.deepspeed_config, key), cfg, i, key):
+            logger.warning("%s", warning)
 
 
-def check_data(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, hf_config: PretrainedConfig) -> None:
+def check_data(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, hf_config: PretrainedConfig) -> SFTExamples:
     """Parse and tokenize every row of a local file (the first rows of a hub dataset) the way the workers will,
     and show what will be trained on in one line."""
     source = cfg.data.source
@@ -126,6 +140,28 @@ def check_data(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, hf_con
     scope = f" (its first {built.rows} rows; the workers check the rest)" if from_hub else ""
     lost = built.skipped_too_long or built.skipped_bad  # rows the user gave that will not be trained on
     logger.log(logging.WARNING if lost else logging.INFO, "data %s%s: %s", source, scope, built.summary(cfg.data))
+    return built
+
+
+def check_evaluation(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, built: SFTExamples) -> None:
+    """The held-out data reads as the training data does; a hold-out leaves examples on both sides."""
+    evaluation = cfg.eval
+    if evaluation.split and not evaluation.source and (is_local_file(cfg.data.source)
+                                                       or cfg.data.source.startswith(BUILTIN_PREFIX)):
+        kind = "a built-in dataset" if cfg.data.source.startswith(BUILTIN_PREFIX) else "a file"
+        raise ConfigError(f"eval.split: {evaluation.split!r} names a split of a hub dataset, but data.source "
+                          f"{cfg.data.source} is {kind}; give the held-out data in eval.source")
+    if evaluation.source and is_local_file(evaluation.source) and not Path(evaluation.source).is_file():
+        raise ConfigError(f"eval.source: file {evaluation.source} does not exist")
+    if evaluation.holdout:
+        _, held_out = split_holdout(built.examples, cfg)
+        logger.info("eval.holdout=%g: %d of %d examples held out of training for evaluation", evaluation.holdout,
+                    len(held_out), len(built.examples))
+    elif evaluation.every and evaluation.held_out_sets:
+        data = eval_data_config(cfg)
+        hub = not data.source.startswith(BUILTIN_PREFIX) and not is_local_file(data.source)
+        held = build_examples(data, tokenizer, limit=HUB_ROWS_CHECKED if hub else None)
+        logger.info("eval %s%s: %s", data.source, f" split {data.split}" if hub else "", held.summary(data))
 
 
 def check_output_dir(cfg: ExperimentConfig) -> None:
@@ -148,17 +184,32 @@ def check_output_dir(cfg: ExperimentConfig) -> None:
 
 
 def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Every local path made absolute (workers may run elsewhere); where the run writes, per lopt_dist/paths.py."""
     # A directory the user named becomes absolute; an alias or hub id stays, so each node resolves it locally.
     local = Path(cfg.model.name).expanduser()
     model = dataclasses.replace(cfg.model, name=str(local.resolve()) if local.is_dir() else cfg.model.name)
-    data = cfg.data
-    source = Path(data.source).expanduser()
-    if not data.source.startswith(BUILTIN_PREFIX) and source.exists():
-        data = dataclasses.replace(data, source=str(source.resolve()))
+    data = dataclasses.replace(cfg.data, source=_absolute_source(cfg.data.source))
+    evaluation = cfg.eval
+    if evaluation.source is not None:
+        evaluation = dataclasses.replace(evaluation, source=_absolute_source(evaluation.source))
     groups = [dataclasses.replace(g, deepspeed_config=str(Path(g.deepspeed_config).resolve()))
               for g in cfg.runtime.groups]
     runtime = dataclasses.replace(cfg.runtime, groups=groups)
-    return dataclasses.replace(cfg, model=model, data=data, runtime=runtime)
+    try:
+        output_dir = output_location(cfg.output_dir, cfg.storage_path, "output_dir")
+        resume = cfg.checkpoint.resume
+        if resume not in (None, "latest"):
+            resume = str(output_location(resume, cfg.storage_path, "checkpoint.resume"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    checkpoint = dataclasses.replace(cfg.checkpoint, resume=resume)
+    return dataclasses.replace(cfg, output_dir=str(output_dir), model=model, data=data, eval=evaluation,
+                               runtime=runtime, checkpoint=checkpoint)
+
+
+def _absolute_source(source: str) -> str:
+    path = Path(source).expanduser()
+    return str(path.resolve()) if not source.startswith(BUILTIN_PREFIX) and path.exists() else source
 
 
 def _one_line(err: BaseException) -> str:

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from tools.evaluation import DEFAULT_DATA, EvalConfig, EvalError, evaluate
+from .evaluation import DEFAULT_DATA, EvalConfig, EvalError, evaluate
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
 

@@ -26,9 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lopt_dist.telemetry.metrics import read_metrics
-from tools.evaluation.config import EvalConfig
-from tools.evaluation.runner import evaluate
-from tools.plot_metrics import draw, load_run
+
+from .evaluation.config import EvalConfig
+from .evaluation.runner import evaluate
+from .plot_metrics import draw, load_run
 
 
 @dataclass(kw_only=True)

@@ -26,7 +26,7 @@ _MUST_MATCH = (
     ("data", "max_seq_length"), ("data", "shuffle"), ("data", "seed"), ("data", "max_samples"),
     ("data", "builtin_samples"), ("data", "prompt_format"), ("data", "chat_template_kwargs"), ("data", "truncation"),
     ("data", "packing"), ("model", "lora"), ("train", "method"), ("train", "micro_batch_size"),
-    ("train", "micro_batches_per_step"), ("train", "dtype"), ("runtime", "mode"),
+    ("train", "micro_batches_per_step"), ("train", "dtype"), ("runtime", "mode"), ("eval", "holdout"),
 )
 
 
@@ -114,13 +114,14 @@ def verify_files(path: Path, state: dict[str, Any]) -> None:
 
 
 def check_compatible(path: Path, state: dict[str, Any], cfg: ExperimentConfig, layout: RunLayout) -> None:
-    saved, now, defaults = state["config"], cfg.to_dict(), ExperimentConfig().to_dict()
+    saved, now = state["config"], cfg.to_dict()
     for section, key in _MUST_MATCH:
-        before = saved[section].get(key, defaults[section][key])  # a key added since: its default then
-        if before != now[section][key]:
+        # A key added to the config after the checkpoint was written had its default value then.
+        was = saved.get(section, {}).get(key, _default(section, key))
+        if was != now[section][key]:
             raise ConfigError(
                 f"{section}.{key}: is {now[section][key]!r} but the checkpoint {path} was made with "
-                f"{before!r}; resuming would change the batches or the model, so keep it as it was")
+                f"{was!r}; resuming would change the batches or the model, so keep it as it was")
     was = state["layout"]
     if was["boundaries"] != layout.boundaries:
         raise ConfigError(f"model.boundaries: cuts the model at {layout.boundaries} but the checkpoint {path} was "
@@ -139,6 +140,10 @@ def check_compatible(path: Path, state: dict[str, Any], cfg: ExperimentConfig, l
     if state["step"] >= cfg.train.steps:
         raise ConfigError(f"train.steps: the checkpoint {path} is already at step {state['step']}; "
                           f"set train.steps above {state['step']} to train further")
+
+
+def _default(section: str, key: str) -> Any:
+    return ExperimentConfig().to_dict()[section][key]
 
 
 def resume_point(store: CheckpointStore, cfg: ExperimentConfig, layout: RunLayout) -> ResumePoint:

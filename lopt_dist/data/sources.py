@@ -17,10 +17,7 @@ from typing import Any
 from lopt_dist.config import DataConfig
 from lopt_dist.data.arithmetic import generate_arithmetic_rows
 from lopt_dist.data.formats import DataError
-from lopt_dist.paths import local_path_reason, missing_path_message
-
-BUILTIN_PREFIX = "builtin:"
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+from lopt_dist.paths import BUILTIN_PREFIX, LOCAL_SUFFIXES, local_path_reason, missing_path_message
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,13 @@ from ray.exceptions import AuthenticationError
 from lopt_dist.checkpoint.safetensors_io import Shard
 from lopt_dist.config import ConfigError, ExperimentConfig
 from lopt_dist.device import Slot, boundary_backend, cluster_uses_gpus, device_views, group_backend
+from lopt_dist.evaluation import eval_record, set_names
 from lopt_dist.pipeline.deepspeed_engine import deepspeed_config
 from lopt_dist.pipeline.errors import WorkerFailedError
 from lopt_dist.pipeline.futures import wait_all
 from lopt_dist.pipeline.group import WorkerGroup
 from lopt_dist.pipeline.placement import GroupRequest, Placement, reserve
-from lopt_dist.pipeline.stage_worker import BoundaryAddress, StageWorker, WorkerStepStats
+from lopt_dist.pipeline.stage_worker import BoundaryAddress, StageWorker, WorkerEvalStats, WorkerStepStats
 from lopt_dist.telemetry.memory import step_peak_bytes
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,10 @@ def connect_ray(cfg: ExperimentConfig) -> None:
     key, address = ("runtime.ray_address", cfg.runtime.ray_address) if cfg.runtime.ray_address else (
         "RAY_ADDRESS", os.environ.get("RAY_ADDRESS"))
     if not address or address == "local":
+        logger.info("starting an embedded local Ray")
         ray.init(address="local", num_cpus=cfg.runtime.ray_num_cpus, include_dashboard=False)
         return
+    logger.info("attaching to the Ray cluster at %s (%s)", address, key)
     if address != "auto":  # "auto" finds a cluster on this machine, or fails at once
         wait_for_ray(address, key, cfg.runtime.start_timeout_s)
     try:
@@ -160,13 +163,15 @@ class StepReport:
     step: int
     workers: list[WorkerStepStats]  # every worker of every stage, stage-major
     checkpoint: Path | None = None  # staged checkpoint of the state after this step, to commit
+    evaluation: list[WorkerEvalStats] | None = None  # when the run evaluated after this step
 
 
 class PipelineDriver:
-    def __init__(self, cfg: ExperimentConfig, launched: Launched) -> None:
+    def __init__(self, cfg: ExperimentConfig, launched: Launched, setup_times: dict[str, float] | None = None) -> None:
         self.cfg = cfg
         self.launched = launched
         self.groups = launched.groups
+        self.setup_times = setup_times or {}  # what `start` spent its time on, for the run's set-up line
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, worker_cls: type[StageWorker] = StageWorker,
@@ -176,10 +181,12 @@ class PipelineDriver:
         `worker_cls` / `extra_init_args`: a `StageWorker` subclass and what its constructor takes after
         `(cfg, stage_index)` (the benchmark's instrumented worker uses this).
         """
-        ds_configs = [deepspeed_config(cfg, g, f"runtime.groups[{i}].deepspeed_config")
-                      for i, g in enumerate(cfg.runtime.groups)]
+        ds_configs = [deepspeed_config(cfg, i) for i in range(len(cfg.runtime.groups))]
+        clock = time.perf_counter()
         connect_ray(cfg)
+        times = {"Ray start": time.perf_counter() - clock}
         launched = launch_pipeline(cfg, worker_cls, extra_init_args)
+        times["workers"] = time.perf_counter() - clock - times["Ray start"]
         groups = launched.groups
         try:
             # Boundary b's store lives on stage b's worker 0, on a port it holds open on its node's address.
@@ -193,7 +200,8 @@ class PipelineDriver:
         except BaseException:
             launched.shutdown()
             raise
-        return cls(cfg, launched)
+        times["loading and engines"] = time.perf_counter() - clock - sum(times.values())
+        return cls(cfg, launched, times)
 
     def _all(self, method: str, *args) -> dict[str, ray.ObjectRef]:
         refs = {}
@@ -201,29 +209,33 @@ class PipelineDriver:
             refs.update(group.label_refs(group.execute_async(method, *args)))
         return refs
 
-    def steps(self, first: int, last: int, checkpoint_at: Callable[[int], Path | None]) -> Iterator[StepReport]:
+    def steps(self, first: int, last: int, checkpoint_at: Callable[[int], Path | None],
+              evaluate_at: Callable[[int], bool] = lambda done: False) -> Iterator[StepReport]:
         """Run steps [first, last); yield each step's report as soon as every worker has finished it.
 
         `checkpoint_at(n)` returns a staging directory when the state after n completed steps must be saved;
         the save is queued on every worker right behind that step, so each saves exactly that state.
+        `evaluate_at(n)`: whether to evaluate the state after n completed steps, queued likewise (`evaluate`).
         """
-        queued: deque[tuple[int, dict, dict, Path | None]] = deque()
+        queued: deque[tuple[int, dict, dict, dict, Path | None]] = deque()
         next_step = first
         while queued or next_step < last:
             # Keep a few steps queued so that no worker ever idles waiting for the driver.
             while next_step < last and len(queued) < _STEPS_QUEUED_AHEAD:
                 directory = checkpoint_at(next_step + 1)
                 train = self._all("train_step", next_step)
+                evaluate = self._all("evaluate") if evaluate_at(next_step + 1) else {}
                 save = self._all("save_checkpoint", str(directory)) if directory else {}
-                queued.append((next_step, train, save, directory))
+                queued.append((next_step, train, evaluate, save, directory))
                 next_step += 1
-            step, train, save, directory = queued.popleft()
+            step, train, evaluate, save, directory = queued.popleft()
             try:
                 results = wait_all(train)
+                evaluation = wait_all(evaluate)
                 wait_all(save)
             except WorkerFailedError as err:
                 raise WorkerFailedError(err.label, f"in step {step}: {err.error}", err.details, died=err.died) from err
-            yield StepReport(step, list(results.values()), directory)
+            yield StepReport(step, list(results.values()), directory, list(evaluation.values()) or None)
 
     def save_checkpoint(self, directory: str) -> None:
         wait_all(self._all("save_checkpoint", directory))
@@ -261,6 +273,8 @@ def summarize_step(report: StepReport, cfg: ExperimentConfig, wall_s: float) -> 
         router = [w.router_aux_sum for w in report.workers if w.stage == stage]
         if any(r is not None for r in router):  # MoE families
             record[f"router_aux_loss_{stage}"] = sum(r for r in router if r is not None) / per_step
+        first = next(w for w in report.workers if w.stage == stage)  # the group's workers agree on both
+        record[f"lr_{stage}"], record[f"grad_norm_{stage}"] = first.lr, first.grad_norm
     record["tokens"] = sum(w.tokens for w in report.workers if w.stage == 0)
     record["tokens_per_s"] = record["tokens"] / max(wall_s, 1e-9)
     for w in report.workers:
@@ -272,4 +286,14 @@ def summarize_step(report: StepReport, cfg: ExperimentConfig, wall_s: float) -> 
         record[f"{key}_max_depth"] = w.max_outstanding
         record[f"{key}_peak_mem_bytes"] = step_peak_bytes(w.memory)
     record["channel_depth"] = max((w.max_outstanding for w in report.workers), default=0)
+    if report.evaluation:
+        record.update(summarize_evaluation(report.evaluation, cfg))
     return record
+
+
+def summarize_evaluation(workers: list[WorkerEvalStats], cfg: ExperimentConfig) -> dict[str, Any]:
+    """The evaluation's record fields (lopt_dist/evaluation.py) from every worker's sums, and its wall time."""
+    stages = len(cfg.runtime.groups)
+    sums = {name: [sum(w.sums[name] for w in workers if w.stage == s) for s in range(stages)]
+            for name in set_names(cfg)}
+    return {**eval_record(sums, cfg), "eval_seconds": max(w.wall_s for w in workers)}

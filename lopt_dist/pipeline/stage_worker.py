@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +20,17 @@ import torch
 from lopt_dist.checkpoint import deepspeed_state
 from lopt_dist.checkpoint.safetensors_io import Shard
 from lopt_dist.config import ExperimentConfig
+from lopt_dist.evaluation import build_eval_sets, plan, set_names, split_holdout
 from lopt_dist.model import BOUNDARY_KEYS
 from lopt_dist.model.stage_loader import LoadReport, load_stage
 from lopt_dist.pipeline.deepspeed_engine import build_engine, zero3_partitioner
 from lopt_dist.pipeline.worker import WorkerBase
 from lopt_dist.telemetry.memory import memory_snapshot, reset_peak
 from lopt_dist.telemetry.timing import BusyClock
-from lopt_dist.train.precision import run_dtype
+from lopt_dist.telemetry.worker_logs import printed_to, route_library_output, worker_log_path
+from lopt_dist.train.precision import global_norm, run_dtype
 from lopt_dist.transport import ActivationReceiver, ActivationSender, BoundaryLayout, create_boundary_group, warm_up
+from lopt_dist.transport.header import evaluation_micro_batch
 
 
 @dataclass
@@ -39,6 +43,8 @@ class WorkerStepStats:
     micro_batches: int = 0
     loss_sum: float = 0.0  # stage metric summed over this worker's micro-batches
     router_aux_sum: float | None = None  # MoE: this stage's router load-balancing loss, summed likewise
+    lr: float = 0.0  # the stage's learning rate in this step (the same on every worker of the group)
+    grad_norm: float = 0.0  # the group's global gradient norm before clipping (the same on every worker)
     tokens: int = 0
     busy_s: float = 0.0  # forward, backward and optimizer step (CUDA events on GPU)
     recv_wait_s: float = 0.0  # blocked waiting for the previous stage (this worker's bubble)
@@ -48,6 +54,16 @@ class WorkerStepStats:
     max_outstanding: int = 0  # channel depth reached on this worker's sends
     wall_s: float = 0.0
     memory: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class WorkerEvalStats:
+    """What one worker computed in one evaluation (lopt_dist/evaluation.py); the driver sums these over workers."""
+
+    stage: int
+    rank: int
+    sums: dict[str, float]  # evaluation set -> the stage's metric summed over this worker's micro-batches of it
+    wall_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +86,7 @@ class StageWorker(WorkerBase):
         self.sender: ActivationSender | None = None
         self.receiver: ActivationReceiver | None = None
         self.batches = None
+        self.eval_sets: dict = {}  # first stage: evaluation set name -> its micro-batches
 
     def __repr__(self) -> str:
         # Ray prefixes this worker's log lines with it and the state API reports it as `repr_name`; Ray reads
@@ -84,11 +101,14 @@ class StageWorker(WorkerBase):
         """Join the group's process group (`backend`), build the engine, then join and warm up the boundary
         groups. Returns #params."""
         device = self.claim_device(self.group.threads_per_worker)
+        log = route_library_output(worker_log_path(self.cfg.output_dir, self.stage_index, self.rank_info.rank),
+                                   device.type)
         self.init_torch_distributed(master_addr, master_port, backend, self.cfg.runtime.collective_timeout_s)
         torch.manual_seed(self.cfg.train.seed)
-        partition = zero3_partitioner(ds_config, run_dtype(self.cfg.train))
-        stage, self.load_report = load_stage(self.cfg, self.stage_index, device, partition)
-        self.engine = build_engine(stage, self.cfg, self.stage_index, ds_config)
+        with printed_to(log):
+            partition = zero3_partitioner(ds_config, run_dtype(self.cfg.train))
+            stage, self.load_report = load_stage(self.cfg, self.stage_index, device, partition)
+            self.engine = build_engine(stage, self.cfg, self.stage_index, ds_config)
         self.device = device
         if self.stage_index == 0:
             self._build_data()
@@ -100,8 +120,10 @@ class StageWorker(WorkerBase):
         from lopt_dist.model.loading import load_tokenizer
 
         tokenizer = load_tokenizer(self.cfg.model.name)
-        examples = build_examples(self.cfg.data, tokenizer)
+        examples, held_out = split_holdout(build_examples(self.cfg.data, tokenizer), self.cfg)
         self.batches = micro_batches(examples, self.cfg, tokenizer.pad_token_id)
+        sets = build_eval_sets(self.cfg, tokenizer, held_out) if self.cfg.eval.every else []
+        self.eval_sets = {s.name: s.batches for s in sets}
 
     def _join_boundaries(self, boundaries: list[BoundaryAddress]) -> None:
         # Incoming boundary first, then outgoing: stage s waits for stage s-1 to join boundary s-1 only after
@@ -146,6 +168,8 @@ class StageWorker(WorkerBase):
         tokens = torch.zeros((), dtype=torch.int64, device=self.device)
         router_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         has_router = False  # MoE stages report their routers' balancing loss too
+        stats.lr = self.engine.get_lr()[0]  # before the step's optimizer step moves the schedule on
+        own_norm = None
         workers = self.group.workers
         for m in range(step * per_step, (step + 1) * per_step):
             if m % workers != self.rank_info.rank:
@@ -158,6 +182,8 @@ class StageWorker(WorkerBase):
                 stats.max_outstanding = max(stats.max_outstanding, self.sender.outstanding)
             with busy.span():
                 self.engine.backward(out.loss)
+                if self.engine.is_gradient_accumulation_boundary() and self._norm_is_ours:
+                    own_norm = global_norm([p.grad for p in self.engine.module.parameters() if p.grad is not None])
                 self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             stats.micro_batches += 1
             loss_sum += out.metric.detach()
@@ -165,9 +191,12 @@ class StageWorker(WorkerBase):
                 router_sum += out.router_aux.detach()
                 has_router = True
             tokens += batch["attention_mask"].sum()
-        sums = torch.stack([loss_sum, tokens.double(), router_sum.double()]).tolist()  # one host sync per step
+        norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
+        norm = torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float64).to(self.device)
+        sums = torch.stack([loss_sum, tokens.double(), router_sum.double(), norm]).tolist()  # one host sync
         stats.loss_sum, stats.tokens = sums[0], int(sums[1])
         stats.router_aux_sum = sums[2] if has_router else None
+        stats.grad_norm = sums[3]
         stats.busy_s = busy.total_s()
         if self.sender is not None:
             delta = self.sender.stats.since(sent0)
@@ -179,11 +208,51 @@ class StageWorker(WorkerBase):
         stats.memory = memory_snapshot(self.device)
         return stats
 
+    @property
+    def _norm_is_ours(self) -> bool:
+        """DeepSpeed's ZeRO and bf16 optimizers record the global gradient norm; without them (ZeRO-0 in float32)
+        the engine clips torch's way and keeps no norm, so the worker takes it from the reduced gradients just
+        before the step, as the clipping sees them."""
+        return not hasattr(self.engine.optimizer, "_global_grad_norm")
+
     def _next_input(self, m: int) -> dict[str, torch.Tensor]:
         if self.receiver is None:
             return {k: v.to(self.device) for k, v in self.batches.get(m).items()}
         src = self.in_layout.sender_rank(self.in_layout.producer(m))
         return self.receiver.recv(src, m)
+
+    # ---- evaluation (lopt_dist/evaluation.py) ----
+
+    @torch.no_grad()
+    def evaluate(self) -> WorkerEvalStats:
+        """This worker's share of the evaluation micro-batches through its stage, without gradients and in eval mode:
+        read (first stage) or received, then sent on, as training micro-batches are but numbered apart from them
+        (`evaluation_micro_batch`), so the training stream's order and routing are untouched. The driver queues it
+        on every worker between two steps."""
+        start = time.perf_counter()
+        names = set_names(self.cfg)
+        sums = {name: torch.zeros((), dtype=torch.float64, device=self.device) for name in names}
+        self.engine.eval()
+        try:
+            for e, (name, index) in enumerate(plan(self.cfg)):
+                if e % self.group.workers != self.rank_info.rank:
+                    continue
+                out = self.engine(self._eval_input(e, name, index))
+                if self.sender is not None:
+                    dst = self.out_layout.receiver_rank(self.out_layout.consumer(e))
+                    self.sender.send(out.boundary, dst, evaluation_micro_batch(e))
+                sums[name] += out.metric.double()
+        finally:
+            self.engine.train()
+        values = torch.stack(list(sums.values())).tolist() if sums else []  # one host sync
+        return WorkerEvalStats(self.stage_index, self.rank_info.rank, dict(zip(names, values)),
+                               time.perf_counter() - start)
+
+    def _eval_input(self, e: int, name: str, index: int) -> dict[str, torch.Tensor]:
+        if self.receiver is None:
+            return {k: v.to(self.device) for k, v in self.eval_sets[name].get(index).items()}
+        src = self.in_layout.sender_rank(self.in_layout.producer(e))
+        return self.receiver.recv(src, evaluation_micro_batch(e))
 
     def residency(self) -> dict:
         """What this worker holds of its stage's parameters: whole tensors (`held_elements`) and ZeRO-3

@@ -58,7 +58,7 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
-            raise ImportError("logging.tensorboard needs the tensorboard package: pip install tensorboard") from err
+            raise ImportError("logging.report_to: tensorboard needs the tensorboard package: pip install tensorboard") from err
         # Events are logged at record step + 1; a run resumed at `start_step` rewrites those from start_step + 1 on,
         # so TensorBoard is told to drop every older event at or after that step.
         self._writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)

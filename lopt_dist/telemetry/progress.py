@@ -1,4 +1,8 @@
-"""The driver's progress bar: step, tokens/s, losses, channel depth and ETA (tqdm computes the ETA)."""
+"""The driver's progress bar: step, tokens/s, losses, channel depth and ETA (tqdm computes the ETA).
+
+The run creates it when training starts, after the set-up (reported on its own line), so its rate and ETA
+count steps only.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ class Progress:
         shown.update(recon)
         if "channel_depth" in record:
             shown["depth"] = record["channel_depth"]
+        if "eval_task_loss" in record:
+            shown["eval"] = f"{record['eval_task_loss']:.4f}"
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
         if not self.bar.disable:

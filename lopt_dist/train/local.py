@@ -30,7 +30,7 @@ from lopt_dist.model.glue import router_aux_loss_coef
 from lopt_dist.model.lora import apply_model_lora, merged_state_dict
 from lopt_dist.telemetry.memory import memory_snapshot, reset_peak
 from lopt_dist.train.optim import build_optimizer, build_scheduler, stage_lr
-from lopt_dist.train.precision import MasterWeights, run_dtype
+from lopt_dist.train.precision import MasterWeights, global_norm, run_dtype
 
 
 @dataclass
@@ -40,7 +40,8 @@ class StepResult:
     recon_losses: list[float] = field(default_factory=list)  # one per non-final stage (lopt only)
     tokens: int = 0
     seconds: float = 0.0
-    lrs: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)  # per stage (e2e: one), the rate this step used
+    grad_norms: list[float] = field(default_factory=list)  # per stage, the gradients' global norm before clipping
     # MoE families: each stage's router load-balancing loss (unweighted), by stage index; e2e: stage 0.
     router_aux_losses: dict[int, float] = field(default_factory=dict)
 
@@ -50,6 +51,7 @@ class StepResult:
         record.update({f"recon_loss_{i}": v for i, v in enumerate(self.recon_losses)})
         record.update({f"router_aux_loss_{i}": v for i, v in sorted(self.router_aux_losses.items())})
         record.update({f"lr_{i}": v for i, v in enumerate(self.lrs)})
+        record.update({f"grad_norm_{i}": v for i, v in enumerate(self.grad_norms)})
         return record
 
 
@@ -76,15 +78,19 @@ class _Trainable:
         if self.masters is not None:
             self.masters.accumulate()
 
-    def step(self) -> None:
+    def step(self) -> torch.Tensor:
+        """Clip, step, advance the schedule; the gradients' global norm before clipping (left on the device)."""
         if self.masters is not None:
-            self.masters.step(self.optimizer, self.grad_clip)
+            norm = self.masters.step(self.optimizer, self.grad_clip)
         else:
             if self.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+                norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+            else:
+                norm = global_norm([p.grad for p in self.module.parameters() if p.grad is not None])
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        return norm
 
     def weights_loaded(self) -> None:
         """After a checkpoint restored `weights` in place: under bf16, round the masters into the module."""
@@ -130,15 +136,15 @@ class LocalTrainer:
             for i, value in micro_router.items():
                 router[i] = router.get(i, 0.0) + value.double() / per_step
         lrs = [t.scheduler.get_last_lr()[0] for t in self.trainables]
-        for trainable in self.trainables:
-            trainable.step()
+        norms = torch.stack([t.step().to(self.device, torch.float64) for t in self.trainables])
         stages = sorted(router)
-        flat = [losses, tokens.double().reshape(1), *(router[i].reshape(1) for i in stages)]
+        flat = [losses, norms, tokens.double().reshape(1), *(router[i].reshape(1) for i in stages)]
         values = torch.cat(flat).tolist()  # the step's one host sync
         n = losses.numel()
-        task, recon, total_tokens = values[n - 1], values[: n - 1], values[n]  # stage order: recon..., task
+        task, recon = values[n - 1], values[: n - 1]  # stage order: recon..., task
+        grad_norms, total_tokens = values[n: 2 * n], values[2 * n]
         result = StepResult(self.step, task, recon, int(total_tokens), time.perf_counter() - start, lrs,
-                            dict(zip(stages, values[n + 1:])))
+                            grad_norms, dict(zip(stages, values[2 * n + 1:])))
         self.step += 1
         return result
 
@@ -177,6 +183,37 @@ class LocalTrainer:
         (loss / self.cfg.train.micro_batches_per_step).backward()
         self.trainables[0].after_backward()
         return [task.detach().float()], router
+
+    @torch.no_grad()
+    def evaluate(self, sets: list) -> dict[str, list[float]]:
+        """Each stage's metric summed over each evaluation set's micro-batches (`lopt_dist/evaluation.py`), in eval
+        mode and without gradients: the training state, RNG streams included, is left as it was."""
+        modules = self.stages if self.is_lopt else [self.model]
+        for module in modules:
+            module.eval()
+        sums = {}
+        try:
+            for eval_set in sets:
+                totals = torch.zeros(len(modules), dtype=torch.float64, device=self.device)
+                for i in range(self.cfg.eval.micro_batches):
+                    batch = {k: v.to(self.device) for k, v in eval_set.batches.get(i).items()}
+                    totals += torch.stack(self._eval_micro(batch)).double()
+                sums[eval_set.name] = totals.tolist()
+        finally:
+            for module in modules:
+                module.train()
+        return sums
+
+    def _eval_micro(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        if not self.is_lopt:
+            return [causal_lm_loss(self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                   .logits, batch["labels"]).float()]
+        metrics, inputs = [], batch
+        for stage in self.stages:
+            out = stage(inputs)
+            metrics.append(out.metric.float())
+            inputs = out.boundary
+        return metrics
 
     def save_state(self, directory: Path) -> None:
         """Weights, optimizer and schedule of every stage, and the RNG states, into a staged checkpoint directory

@@ -14,9 +14,9 @@ from torch import nn
 from lopt_dist.config import TrainConfig
 
 
-
 def adam_hyperparameters(train: TrainConfig) -> dict[str, object]:
-    """AdamW's betas and eps, as every path builds it (single process and every DeepSpeed group)."""
+    """AdamW's betas and eps, as every path builds it (single process and every DeepSpeed group); the DeepSpeed
+    JSON check compares a JSON's optimizer block with these."""
     return {"betas": tuple(train.adam_betas), "eps": train.adam_eps}
 
 

@@ -104,10 +104,11 @@ class MasterWeights:
             param.grad = None
 
     @torch.no_grad()
-    def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
-        """Clip the accumulated gradients, step the masters, round them back into the bf16 parameters."""
+    def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+        """Clip the accumulated gradients, step the masters, round them back into the bf16 parameters. Returns the
+        gradients' global norm before clipping (as DeepSpeed reports it)."""
         grads = [m.grad for _, m in self.pairs if m.grad is not None]
-        norm = _global_norm(grads)
+        norm = global_norm(grads)
         if bool(torch.isfinite(norm)):  # DeepSpeed skips the step (and drops the gradients) otherwise
             if max_norm > 0:
                 coef = max_norm / (norm + _CLIP_EPS)  # float32 arithmetic, as DeepSpeed's
@@ -122,6 +123,7 @@ class MasterWeights:
                 param.copy_(master)
         for _, master in self.pairs:
             master.grad = None
+        return norm
 
     @torch.no_grad()
     def copy_to_module(self) -> None:
@@ -130,8 +132,8 @@ class MasterWeights:
             param.copy_(master)
 
 
-def _global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    # As DeepSpeed's get_global_norm_of_tensors: per-tensor norms, their squares summed, square root.
+def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The gradients' 2-norm, as DeepSpeed's get_global_norm_of_tensors: per-tensor norms, squares summed, root."""
     if not grads:
         return torch.zeros(())
     return torch.stack([g.detach().float().norm(2) for g in grads]).pow(2).sum().pow(0.5)

@@ -4,7 +4,8 @@ Shapes change from micro-batch to micro-batch (the sequence length varies), and 
 buffer of the right size before data can land. So every message starts with a header of fixed length
 (known to both ends from the payload's keys) saying each tensor's dtype and shape. It also carries the
 micro-batch index and the sender's device type, so a routing or ordering mistake fails loudly at the
-receiver instead of delivering the wrong activations or hanging on mismatched backends.
+receiver instead of delivering the wrong activations or hanging on mismatched backends. Evaluation micro-batches,
+streamed between training steps, carry negative numbers (`evaluation_micro_batch`).
 
 Layout: [MAGIC, micro_batch, device code, then per key: dtype code, ndim, dims padded with zeros to MAX_NDIM]
 """
@@ -49,6 +50,12 @@ class Header:
     micro_batch: int
     device_type: str
     tensors: tuple[TensorMeta, ...]  # in the channel's key order
+
+
+def evaluation_micro_batch(index: int) -> int:
+    """The header number of evaluation micro-batch `index` (0, 1, ...): -1, -2, ... Training micro-batches count
+    from 0, so a receiver that waits for one never takes an evaluation message in its place, or the reverse."""
+    return -1 - index
 
 
 def header_length(num_keys: int) -> int:

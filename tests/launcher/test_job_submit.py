@@ -7,7 +7,9 @@ auth token, and stopped by signalling that process group only; nothing else on t
 from __future__ import annotations
 
 import os
+import json
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,7 +57,7 @@ def ray_head(tmp_path):
     address = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_for_dashboard(address, head, tmp_path / "head.log")
-        yield address, env
+        yield address, env, temp_dir
     finally:
         _stop_group(head)
         log.close()
@@ -108,17 +110,37 @@ def _job_status(address: str, env: dict, job_id: str) -> str:
     return "RUNNING"
 
 
+def _job_dir(path: Path, model_dir: Path) -> Path:
+    """What a user submits with --working-dir: an experiment file, its data and its DeepSpeed JSON, all named
+    relative to the experiment file; the output is relative too (it goes under storage_path)."""
+    from lopt_dist.data import generate_arithmetic_rows
+
+    (path / "data").mkdir(parents=True)
+    (path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in generate_arithmetic_rows(24, 0)))
+    (path / "ds").mkdir()
+    shutil.copy(REPO / "configs/deepspeed/zero0.json", path / "ds" / "zero0.json")
+    (path / "exp.yaml").write_text(f"""
+name: job
+output_dir: runs/job
+model: {{name: {model_dir}}}
+data: {{source: data/train.jsonl, max_seq_length: 128}}
+train: {{steps: 2, micro_batch_size: 2, micro_batches_per_step: 2}}
+runtime:
+  mode: ray
+  groups: [{{deepspeed_config: ds/zero0.json}}, {{deepspeed_config: ds/zero0.json}}]
+logging: {{progress: false}}
+""")
+    return path
+
+
 def test_ray_job_submit_trains_and_exports(ray_head, tiny_model_dir, tmp_path):
-    address, env = ray_head
-    out = tmp_path / "run"
+    address, env, temp_dir = ray_head
+    job_dir = _job_dir(tmp_path / "job", tiny_model_dir("llama"))
+    storage = tmp_path / "storage"
     job_id = f"lopt-test-{secrets.token_hex(4)}"
     submit = [
         RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
-        "--working-dir", str(REPO), "--",
-        "python", "-m", "launcher.job", "configs/default.yaml",
-        "--set", f"model.name={tiny_model_dir('llama')}", "--set", f"output_dir={out}",
-        "--set", "train.steps=2", "--set", "data.builtin_samples=16", "--set", "data.max_seq_length=64",
-        "--set", "logging.progress=false", "--set", "checkpoint.save_every=0",
+        "--working-dir", str(job_dir), "--", "lopt-train", "exp.yaml", "--set", f"storage_path={storage}",
     ]
     submitted = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
@@ -131,6 +153,9 @@ def test_ray_job_submit_trains_and_exports(ray_head, tiny_model_dir, tmp_path):
                           text=True, timeout=60).stdout
     assert state == "SUCCEEDED", logs[-4000:]
     assert "attaching to the Ray cluster" in logs
+    out = storage / "runs" / "job"
+    assert f"output: {out}" in logs  # the driver names the real location, not one relative to Ray's copy
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.tie_word_embeddings is False
     assert (out / "checkpoints" / "step_000002" / "state.json").is_file()
+    assert not list(temp_dir.glob("**/runs/job")), "nothing may be written into Ray's copy of the working directory"

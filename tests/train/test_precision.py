@@ -20,7 +20,7 @@ def _ds(tmp_path, contents, dtype="bfloat16", workers=1):
     path.write_text(json.dumps(contents))
     cfg = load_config(None, ["runtime.mode=ray", f"train.dtype={dtype}", "train.micro_batches_per_step=2",
                              f"runtime.groups=[{{deepspeed_config: {path}, workers: {workers}}}, {{}}]"])
-    return deepspeed_config(cfg, cfg.runtime.groups[0], "runtime.groups[0].deepspeed_config")
+    return deepspeed_config(cfg, 0)
 
 
 @pytest.mark.parametrize(("stage", "runs_as"), [(0, 1), (1, 1), (2, 2), (3, 3)])

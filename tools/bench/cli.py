@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from lopt_dist.config import ConfigError
-from tools.bench.config import QUICK, ROWS, SCHEDULES, BenchConfig, BenchConfigError
+
+from .config import QUICK, ROWS, SCHEDULES, BenchConfig, BenchConfigError
 
 JSON_NAME, TIMELINE_NAME, BARS_NAME = "bench.json", "timeline.png", "throughput_memory.png"
 
@@ -106,13 +107,13 @@ def benchmark(cfg: BenchConfig, verbose: bool, peak_tflops: float | None = None)
     import ray
 
     from lopt_dist.model.stages import resolve_boundaries
-    from tools.bench import plots
-    from tools.bench.env import environment
-    from tools.bench.models import prepare_model
-    from tools.bench.report import build_report, write_json
-    from tools.bench.flops import peak_bf16_tflops
-    from tools.bench.results import compare, fill_mfu, predict, summarize_row
-    from tools.bench.runner import connect, run_all
+    from . import plots
+    from .env import environment
+    from .models import prepare_model
+    from .report import build_report, write_json
+    from .flops import peak_bf16_tflops
+    from .results import compare, fill_mfu, predict, summarize_row
+    from .runner import connect, run_all
 
     env = environment()
     model = prepare_model(cfg)
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # BenchConfigError included
         print(f"lopt-bench: error: {err}", file=sys.stderr)
         return 2
-    from tools.bench.report import format_report
+    from .report import format_report
 
     print(format_report(report))
     print("\nwrote " + ", ".join(str(p) for p in written))

@@ -46,7 +46,7 @@ def bench_batches(cfg, model, micro_batch_size: int):
         return SyntheticBatches(micro_batch_size, cfg.seq_len, model.vocab_size, cfg.seed)
     from lopt_dist.data import build_examples, micro_batches
     from lopt_dist.model.loading import load_tokenizer
-    from tools.bench.experiment import data_config, experiment_config
+    from .experiment import data_config, experiment_config
 
     tokenizer = load_tokenizer(model.path)
     examples = build_examples(data_config(cfg), tokenizer)

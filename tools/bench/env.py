@@ -9,7 +9,7 @@ from importlib import metadata
 
 import torch
 
-from tools.bench.measure import cpu_name
+from .measure import cpu_name
 
 _PACKAGES = ("torch", "ray", "deepspeed", "transformers", "lopt-dist")
 

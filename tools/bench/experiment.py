@@ -20,8 +20,9 @@ from lopt_dist.config import (
     TrainConfig,
 )
 from lopt_dist.pipeline.deepspeed_engine import deepspeed_config
-from tools.bench.config import BenchConfig
-from tools.bench.models import ModelInfo, even_boundaries
+
+from .config import BenchConfig
+from .models import ModelInfo, even_boundaries
 
 
 def pipeline_boundaries(cfg: BenchConfig, model: ModelInfo) -> list[int]:
@@ -70,7 +71,7 @@ def zero2_deepspeed_config(cfg: BenchConfig, model: ModelInfo, profile_comms: bo
     each one blocking, which on a CPU they are anyway)."""
     experiment = experiment_config(cfg, model, method="e2e", group_sizes=(cfg.workers,),
                                    deepspeed_file=cfg.zero2_config)
-    ds = deepspeed_config(experiment, experiment.runtime.groups[0], "--zero2-config")
+    ds = deepspeed_config(experiment, 0, key="--zero2-config")
     if profile_comms:
         ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
     return ds

@@ -14,12 +14,14 @@ from lopt_dist.config import ExperimentConfig
 from lopt_dist.pipeline.driver import PipelineDriver
 from lopt_dist.pipeline.stage_worker import StageWorker
 from lopt_dist.pipeline.futures import wait_all
-from tools.bench.config import BenchConfig
-from tools.bench.data import bench_batches
-from tools.bench.experiment import experiment_config
+
+from .config import BenchConfig
+from .data import bench_batches
+from .experiment import experiment_config
 from lopt_dist.telemetry.memory import reset_peak, step_peak_bytes
-from tools.bench.measure import EventLog, WorkerRecord, device_name, peak_memory
-from tools.bench.models import ModelInfo
+
+from .measure import EventLog, WorkerRecord, device_name, peak_memory
+from .models import ModelInfo
 
 
 class _TimedEngine:

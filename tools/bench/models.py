@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from lopt_dist.model.loading import build_once, cache_dir, resolve_model_path
 from lopt_dist.model.tiny import tiny_config
-from tools.bench.config import RANDOM_PREFIX, BenchConfig, BenchConfigError
+
+from .config import RANDOM_PREFIX, BenchConfig, BenchConfigError
 
 DEFAULT_RANDOM_VOCAB = 32000
 

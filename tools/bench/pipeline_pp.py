@@ -20,13 +20,15 @@ from lopt_dist.model import causal_lm_loss, split_model
 from lopt_dist.model.loading import load_causal_lm
 from lopt_dist.pipeline.worker import WorkerBase
 from lopt_dist.train.optim import build_optimizer
-from tools.bench.chunks import E2EChunk
-from tools.bench.config import BenchConfig
-from tools.bench.data import SyntheticBatches
-from tools.bench.experiment import pipeline_boundaries
+
+from .chunks import E2EChunk
+from .config import BenchConfig
+from .data import SyntheticBatches
+from .experiment import pipeline_boundaries
 from lopt_dist.telemetry.memory import reset_peak
-from tools.bench.measure import EventLog, WorkerRecord, device_name, peak_memory
-from tools.bench.models import ModelInfo, even_boundaries
+
+from .measure import EventLog, WorkerRecord, device_name, peak_memory
+from .models import ModelInfo, even_boundaries
 
 
 @dataclass(frozen=True)

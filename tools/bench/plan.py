@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tools.bench.config import BenchConfig
-from tools.bench.models import ModelInfo, stage_problem
-from tools.bench.pipeline_pp import SCHEDULE_SPECS
+from .config import BenchConfig
+from .models import ModelInfo, stage_problem
+from .pipeline_pp import SCHEDULE_SPECS
 
 
 @dataclass(frozen=True, kw_only=True)

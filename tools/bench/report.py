@@ -7,14 +7,14 @@ import datetime
 import json
 from pathlib import Path
 
-from tools.bench.config import BenchConfig
-from tools.bench.env import load_average
-from tools.bench.experiment import pipeline_boundaries
-from tools.bench.models import ModelInfo
-from tools.bench.pipeline_pp import SCHEDULE_SPECS, chunk_boundaries, chunk_ranks
-from tools.bench.results import RowSummary, StagePrediction
-from tools.bench.runner import Cluster
-from tools.bench.stage_alone import StageTimes
+from .config import BenchConfig
+from .env import load_average
+from .experiment import pipeline_boundaries
+from .models import ModelInfo
+from .pipeline_pp import SCHEDULE_SPECS, chunk_boundaries, chunk_ranks
+from .results import RowSummary, StagePrediction
+from .runner import Cluster
+from .stage_alone import StageTimes
 
 MIB = 1024 * 1024
 

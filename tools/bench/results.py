@@ -11,12 +11,12 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-from tools.bench.config import BenchConfig
-from tools.bench.flops import matmul_parameters, mfu, training_flops_per_token
-from tools.bench.measure import Event, WorkerRecord
-from tools.bench.models import ModelInfo
-from tools.bench.runner import RowRun
-from tools.bench.stage_alone import StageTimes
+from .config import BenchConfig
+from .flops import matmul_parameters, mfu, training_flops_per_token
+from .measure import Event, WorkerRecord
+from .models import ModelInfo
+from .runner import RowRun
+from .stage_alone import StageTimes
 
 REFERENCE_ROW = "lopt-dist"
 

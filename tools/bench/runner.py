@@ -18,17 +18,18 @@ from lopt_dist.device import cluster_uses_gpus
 from lopt_dist.pipeline.errors import WorkerFailedError, WorkerGroupError
 from lopt_dist.pipeline.futures import wait_all
 from lopt_dist.pipeline.group import WorkerGroup
-from tools.bench.config import BenchConfig, BenchConfigError
-from tools.bench.env import load_average
-from tools.bench.experiment import zero2_deepspeed_config
-from tools.bench.lopt_dist_row import run_lopt_dist
-from tools.bench.measure import WorkerRecord
-from tools.bench.models import ModelInfo
-from tools.bench.pipeline_pp import PipelineWorker
-from tools.bench.plan import PlannedRow, plan_rows
-from tools.bench.single import SingleDeviceWorker
-from tools.bench.stage_alone import StageAloneWorker, StageTimes
-from tools.bench.zero_dp import DataParallelWorker
+
+from .config import BenchConfig, BenchConfigError
+from .env import load_average
+from .experiment import zero2_deepspeed_config
+from .lopt_dist_row import run_lopt_dist
+from .measure import WorkerRecord
+from .models import ModelInfo
+from .pipeline_pp import PipelineWorker
+from .plan import PlannedRow, plan_rows
+from .single import SingleDeviceWorker
+from .stage_alone import StageAloneWorker, StageTimes
+from .zero_dp import DataParallelWorker
 
 START_TIMEOUT_S = 600.0  # loading a model in several workers at once on a busy machine is slow
 

@@ -13,12 +13,14 @@ import torch
 from lopt_dist.model.loading import load_causal_lm
 from lopt_dist.pipeline.worker import WorkerBase
 from lopt_dist.train.local import LocalTrainer
-from tools.bench.config import BenchConfig
-from tools.bench.data import bench_batches
-from tools.bench.experiment import experiment_config
+
+from .config import BenchConfig
+from .data import bench_batches
+from .experiment import experiment_config
 from lopt_dist.telemetry.memory import reset_peak
-from tools.bench.measure import WorkerRecord, device_name, peak_memory
-from tools.bench.models import ModelInfo
+
+from .measure import WorkerRecord, device_name, peak_memory
+from .models import ModelInfo
 
 
 class SingleDeviceWorker(WorkerBase):

@@ -19,12 +19,13 @@ from lopt_dist.model import causal_lm_loss, split_model
 from lopt_dist.model.loading import load_causal_lm
 from lopt_dist.pipeline.worker import WorkerBase
 from lopt_dist.train.optim import build_optimizer
-from tools.bench.chunks import chunk_forward
-from tools.bench.config import BenchConfig
-from tools.bench.data import SyntheticBatches
-from tools.bench.experiment import experiment_config
-from tools.bench.measure import device_name
-from tools.bench.models import ModelInfo
+
+from .chunks import chunk_forward
+from .config import BenchConfig
+from .data import SyntheticBatches
+from .experiment import experiment_config
+from .measure import device_name
+from .models import ModelInfo
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,14 @@ from lopt_dist.model import causal_lm_loss
 from lopt_dist.model.loading import load_causal_lm
 from lopt_dist.pipeline.worker import WorkerBase
 from lopt_dist.train.optim import build_optimizer, build_scheduler
-from tools.bench.config import BenchConfig
-from tools.bench.data import SyntheticBatches
-from tools.bench.experiment import experiment_config
+
+from .config import BenchConfig
+from .data import SyntheticBatches
+from .experiment import experiment_config
 from lopt_dist.telemetry.memory import reset_peak
-from tools.bench.measure import EventLog, WorkerRecord, device_name, peak_memory
-from tools.bench.models import ModelInfo
+
+from .measure import EventLog, WorkerRecord, device_name, peak_memory
+from .models import ModelInfo
 
 
 class CausalLMWithLoss(nn.Module):

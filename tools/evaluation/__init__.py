@@ -1,10 +1,10 @@
 """Evaluating a post-trained model: task fit (answer loss), task accuracy, and retention of general text."""
 
-from tools.evaluation.accuracy import Accuracy, Record, gsm8k_accuracy
-from tools.evaluation.config import DEFAULT_DATA, EvalConfig, EvalError
-from tools.evaluation.likelihood import AnswerLoss, Perplexity, answer_loss, retention_perplexity
-from tools.evaluation.runner import evaluate
-from tools.evaluation.sources import Problem, RetentionText, load_problems, load_retention_text, retention_windows
+from .accuracy import Accuracy, Record, gsm8k_accuracy
+from .config import DEFAULT_DATA, EvalConfig, EvalError
+from .likelihood import AnswerLoss, Perplexity, answer_loss, retention_perplexity
+from .runner import evaluate
+from .sources import Problem, RetentionText, load_problems, load_retention_text, retention_windows
 
 __all__ = [
     "DEFAULT_DATA", "Accuracy", "AnswerLoss", "EvalConfig", "EvalError", "Perplexity", "Problem", "Record",

@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lopt_dist.data import encode_prompt, extract_final_number
-from tools.evaluation.batching import chunks, pad, progress
-from tools.evaluation.sources import Problem
+
+from .batching import chunks, pad, progress
+from .sources import Problem
 
 # Generations are kept for audit; their head shows the reasoning and their tail the answer that was read.
 KEEP_HEAD, KEEP_TAIL = 300, 200

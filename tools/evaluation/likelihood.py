@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lopt_dist.data import IGNORE_INDEX, encode_example
-from tools.evaluation.batching import chunks, pad, progress
-from tools.evaluation.config import EvalError
-from tools.evaluation.sources import Problem
+
+from .batching import chunks, pad, progress
+from .config import EvalError
+from .sources import Problem
 
 
 @dataclass(kw_only=True)

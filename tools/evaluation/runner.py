@@ -13,10 +13,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lopt_dist.data import DataError
 from lopt_dist.model.loading import load_causal_lm, load_tokenizer, resolve_model_path
-from tools.evaluation.accuracy import gsm8k_accuracy
-from tools.evaluation.config import EvalConfig, EvalError
-from tools.evaluation.likelihood import answer_loss, retention_perplexity
-from tools.evaluation.sources import Problem, load_problems, load_retention_text, retention_windows
+
+from .accuracy import gsm8k_accuracy
+from .config import EvalConfig, EvalError
+from .likelihood import answer_loss, retention_perplexity
+from .sources import Problem, load_problems, load_retention_text, retention_windows
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +10,9 @@ from transformers import PreTrainedTokenizerBase
 from lopt_dist.config import DataConfig
 from lopt_dist.data import detect_format, load_rows, parse_row
 from lopt_dist.data.formats import Message
-from tools.evaluation.config import EvalError
+from lopt_dist.data.retention import pydoc_topics, token_windows
 
-PYDOC_TOPICS = "pydoc_data.topics"
+from .config import EvalError
 
 
 @dataclass(kw_only=True)
@@ -50,29 +48,25 @@ def load_problems(path: Path, fmt: str, count: int) -> tuple[list[Problem], str]
 
 
 def load_retention_text(path: str | None) -> RetentionText:
-    """`path`'s text, or by default the pydoc topics: English prose about Python that ships with every
-    interpreter, so the baseline exists offline and no task data can have leaked into it."""
+    """`path`'s text, or by default the pydoc topics (lopt_dist/data/retention.py)."""
     if path is not None:
         return RetentionText(text=Path(path).expanduser().read_text(encoding="utf-8"), source=str(path))
-    spec = importlib.util.find_spec(PYDOC_TOPICS)
-    if spec is None or spec.origin is None:
-        raise EvalError(f"this Python has no {PYDOC_TOPICS} module; pass --retention-text PATH to a text file")
-    topics = importlib.import_module(PYDOC_TOPICS).topics
-    # Sorted keys: a dict literal's order is the file's, but sorting does not rely on that.
-    return RetentionText(text="\n\n".join(topics[key] for key in sorted(topics)), source=spec.origin)
+    try:
+        text, origin = pydoc_topics()
+    except LookupError as err:
+        raise EvalError(f"{err}; pass --retention-text PATH to a text file") from None
+    return RetentionText(text=text, source=origin)
 
 
 def retention_windows(
     tokenizer: PreTrainedTokenizerBase, retention: RetentionText, window: int, count: int
 ) -> list[list[int]]:
     """The first `count` non-overlapping windows of `window` tokens (fewer if the text runs out)."""
-    # verbose=False: the text is longer than the model's context on purpose; it is cut into windows below.
-    ids = tokenizer(retention.text, add_special_tokens=False, verbose=False)["input_ids"]
-    available = len(ids) // window
-    if available == 0:
+    windows = token_windows(tokenizer, retention.text, window, count)
+    if not windows:
+        length = len(tokenizer(retention.text, add_special_tokens=False, verbose=False)["input_ids"])
         raise EvalError(
-            f"retention text {retention.source} has {len(ids)} tokens, fewer than one window of {window}; "
+            f"retention text {retention.source} has {length} tokens, fewer than one window of {window}; "
             f"give a longer --retention-text or a smaller --window"
         )
-    return [ids[i * window:(i + 1) * window] for i in range(min(count, available))]
-
+    return windows

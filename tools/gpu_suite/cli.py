@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from tools.gpu_suite.report import write_reports
-from tools.gpu_suite.results import read_step
-from tools.gpu_suite.steps import Step, plan
+from .report import write_reports
+from .results import read_step
+from .steps import Step, plan
 
 REPO = Path(__file__).resolve().parents[2]
 LOG_TAIL = 4000

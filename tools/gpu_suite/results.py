@@ -8,7 +8,7 @@ import statistics
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from tools.gpu_suite.steps import Step
+from .steps import Step
 
 WARMUP_STEPS = 2  # left out of throughput medians: allocation, kernel selection, lazy start-up
 

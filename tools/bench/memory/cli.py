@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from tools.bench.memory.run import SIZES, Layout, Settings, random_bf16_model, run_layout
+from .run import SIZES, Layout, Settings, random_bf16_model, run_layout
 
 JSON_NAME, MARKDOWN_NAME = "memory.json", "memory.md"
 
@@ -49,7 +49,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def benchmark(settings: Settings, command: str) -> dict:
     import ray
 
-    from tools.bench.memory.report import add_ratios, markdown, model_parameter_bytes, project
+    from .report import add_ratios, markdown, model_parameter_bytes, project
 
     model_dir = random_bf16_model(settings.size, settings.seed)
     model_bytes = model_parameter_bytes(settings.size)
@@ -84,7 +84,7 @@ def _cpus_needed(settings: Settings) -> int:
 
 
 def _machine() -> str:
-    from tools.bench.env import environment
+    from ..env import environment
 
     env = environment()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lopt-bench-memory: error: {err}", file=sys.stderr)
         return 2
     command = "python -m tools.bench.memory " + shlex.join(sys.argv[1:] if argv is None else argv)
-    from tools.bench.memory.report import markdown
+    from .report import markdown
 
     report = benchmark(settings, command)
     print(markdown(report))

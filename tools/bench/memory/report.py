@@ -15,7 +15,8 @@ from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM
 
 from lopt_dist.model.stages import split_model
-from tools.bench.memory.run import llama_config
+
+from .run import llama_config
 
 GIB = 2**30
 _FIGURES = (("load", "load_peak_rss"), ("setup", "setup_peak_rss"), ("engine", "rss_after_engine"),

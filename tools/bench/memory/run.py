@@ -26,7 +26,8 @@ from lopt_dist.model.tiny import tiny_config
 from lopt_dist.pipeline.driver import PipelineDriver
 from lopt_dist.run import prepare
 from lopt_dist.telemetry.memory import peak_rss_bytes, reset_peak, step_peak_bytes
-from tools.bench.memory.worker import MemoryStageWorker
+
+from .worker import MemoryStageWorker
 
 DEEPSPEED_DIR = Path(__file__).resolve().parents[3] / "configs" / "deepspeed"
 

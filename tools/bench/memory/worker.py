@@ -12,7 +12,8 @@ import torch
 from lopt_dist.config import ExperimentConfig
 from lopt_dist.pipeline.stage_worker import StageWorker
 from lopt_dist.telemetry.memory import current_rss_bytes, peak_rss_bytes, reset_peak
-from tools.bench.data import SyntheticBatches
+
+from ..data import SyntheticBatches
 
 _CPU = torch.device("cpu")
 

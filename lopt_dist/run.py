@@ -1,7 +1,10 @@
 """A training run from config to exported model: validate, build, train (with checkpoints), export, close.
 
 The same loop serves both runtimes: `local` (one process, stage after stage) and `ray` (one worker group
-per stage). Each yields per-step records; this module logs them, checkpoints and exports.
+per stage). Each yields per-step records; this module logs them, checkpoints and exports. A Ray run recovers
+from worker failures by itself: the driver restarts the failed stage alone where it can (pipeline/driver.py),
+and this loop restarts every stage from the newest checkpoint otherwise, as far as recovery/policy.py allows.
+SIGTERM and SIGINT stop a run at a checkpoint (recovery/signals.py).
 """
 
 from __future__ import annotations
@@ -14,13 +17,17 @@ from pathlib import Path
 
 import torch
 
-from lopt_dist.checkpoint import RunCheckpoints
+from lopt_dist.checkpoint import ResumePoint, RunCheckpoints
 from lopt_dist.checkpoint.export import write_weights
 from lopt_dist.checkpoint.safetensors_io import Shard
 from lopt_dist.config import ExperimentConfig
 from lopt_dist.device import local_device
+from lopt_dist.errors import caused_by_user
 from lopt_dist.model.loading import load_model_config, load_tokenizer
+from lopt_dist.pipeline.errors import Failure, PipelineFailure, WorkerFailedError, WorkerGroupError
 from lopt_dist.preflight import prepare
+from lopt_dist.recovery import FailureJournal, RetryPolicy, RunFailedError, RunStopped, StopSignals
+from lopt_dist.recovery.signals import GraceExpired
 from lopt_dist.telemetry.memory import step_peak_bytes
 from lopt_dist.telemetry.metrics import MetricsLog, TensorBoardLog
 from lopt_dist.telemetry.progress import Progress
@@ -32,57 +39,182 @@ logger = logging.getLogger(__name__)
 class RunResult:
     output_dir: Path
     records: list[dict]
-    checkpoint: Path | None
+    checkpoint: Path | None  # the newest committed checkpoint
     model_dir: Path | None
 
 
 def train(cfg: ExperimentConfig) -> RunResult:
+    """Train, checkpoint and export. Raises RunFailedError when workers failed beyond what the run recovers
+    from, RunStopped after SIGTERM/SIGINT (with a checkpoint if one could be written in the grace period)."""
     cfg = prepare(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoints = RunCheckpoints(cfg, load_model_config(cfg.model.name).num_hidden_layers)
     resume = checkpoints.open()  # before any worker starts: a bad checkpoint or a used output_dir fails here
-    start_step = resume.step if resume is not None else 0
-    end_step = min(cfg.train.steps, cfg.checkpoint.stop_after or cfg.train.steps)
+    return _Run(cfg, checkpoints, resume).train()
 
-    def checkpoint_at(done: int) -> Path | None:
-        every = cfg.checkpoint.save_every
-        if done == end_step or (every and done % every == 0):
-            return checkpoints.staging(done)
+
+class _Run:
+    """One invocation of `train`: its records and sinks, its checkpoints and its attempts."""
+
+    def __init__(self, cfg: ExperimentConfig, checkpoints: RunCheckpoints, resume: ResumePoint | None) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.checkpoints = checkpoints
+        self.resume = resume
+        self.end_step = min(cfg.train.steps, cfg.checkpoint.stop_after or cfg.train.steps)
+        self.done = resume.step if resume is not None else 0  # steps trained and recorded
+        self.started = False  # some step of this invocation completed
+        self.records: list[dict] = []
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.done)  # a resumed run drops what it will redo
+        self.tensorboard = TensorBoardLog(self.out / "tensorboard", self.done) if cfg.logging.tensorboard else None
+        self.progress = Progress(cfg, self.done)
+        self.journal = FailureJournal(self.out, resumed=resume is not None)
+        self.policy = RetryPolicy(cfg.runtime.max_failures)
+        self.signals = StopSignals(cfg.runtime.preemption_grace_s)
+        self.runner: _LocalRunner | _RayRunner | None = None
+
+    def train(self) -> RunResult:
+        model_dir = None
+        try:
+            if self.cfg.runtime.mode == "ray":
+                from lopt_dist.pipeline.driver import connect_ray
+
+                connect_ray(self.cfg)  # before our handlers: ray.init installs its own
+            self.signals.install()
+            point = self.resume
+            while True:
+                try:
+                    self._attempt(point)
+                    break
+                except WorkerGroupError as err:
+                    point = self._recover(err)
+            if self.cfg.checkpoint.export and self.end_step == self.cfg.train.steps:
+                model_dir = self.checkpoints.export(self.runner.export_shards)
+        except KeyboardInterrupt:
+            if self.signals.aborting or not self.signals.requested:
+                raise
+            raise self._stopped(saved=False) from None  # a signal while starting: nothing new to save
+        except GraceExpired as err:
+            logger.warning("the grace period ran out %s", err)
+            raise self._stopped(saved=False) from None
+        finally:
+            self._close()
+        return RunResult(self.out, self.records, self._newest(), model_dir)
+
+    # ---- one attempt: start the runner, train to the end ----
+
+    def _attempt(self, point: ResumePoint | None) -> None:
+        self.runner = _LocalRunner(self.cfg) if self.cfg.runtime.mode == "local" else _RayRunner(self.cfg)
+        with self.signals.interruptible():
+            self.runner.start(point)
+        for record, staged in self.runner.steps(self.done, self.end_step, self._checkpoint_at, self.signals):
+            self._write(record)
+            if staged is not None:
+                self.checkpoints.commit(staged, record["step"] + 1)
+        if self.signals.requested and self.done < self.end_step:
+            self._stop_at_checkpoint()
+
+    def _checkpoint_at(self, done: int) -> Path | None:
+        every = self.cfg.checkpoint.save_every
+        if done == self.end_step or (every and done % every == 0):
+            return self.checkpoints.staging(done)
         return None
 
-    runner = _LocalRunner(cfg) if cfg.runtime.mode == "local" else _RayRunner(cfg)
-    records, last_checkpoint, model_dir = [], None, None
-    metrics = MetricsLog(out / "metrics.jsonl", start_step)  # a resumed run drops the records it will redo
-    tensorboard = TensorBoardLog(out / "tensorboard", start_step) if cfg.logging.tensorboard else None
-    progress = Progress(cfg, start_step)
-    try:
-        runner.start(resume.path if resume is not None else None)
-        for record, staged in runner.steps(start_step, end_step, checkpoint_at):
-            metrics.write(record)
-            if tensorboard is not None:
-                tensorboard.write(record)
-            progress.update(record)
-            records.append(record)
-            if staged is not None:
-                last_checkpoint = checkpoints.commit(staged, record["step"] + 1)
-        if cfg.checkpoint.export and end_step == cfg.train.steps:
-            model_dir = checkpoints.export(runner.export_shards)
-    finally:
-        progress.close()
-        metrics.close()
-        if tensorboard is not None:
-            tensorboard.close()
-        runner.close()
-        checkpoints.abort()  # staging directories left by a failure are not checkpoints
-    return RunResult(out, records, last_checkpoint, model_dir)
+    def _write(self, record: dict) -> None:
+        self.metrics.write(record)
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+        self.progress.update(record)
+        self.records.append(record)
+        self.done = record["step"] + 1
+        self.started = True
+
+    # ---- failures ----
+
+    def _recover(self, err: WorkerGroupError) -> ResumePoint | None:
+        """Record the failure; restart every stage from the newest checkpoint, or raise when it is not retried."""
+        if self.signals.requested:  # stopping anyway: a failure now only means no new checkpoint
+            logger.warning("a worker failed while the run was stopping: %s", err)
+            raise self._stopped(saved=False) from err
+        if not self.started and not isinstance(err, WorkerFailedError):
+            raise err  # the pipeline cannot start as asked (resources); the message says what to change
+        failure = err.failure if isinstance(err, PipelineFailure) else _start_failure(err)
+        decision = self.policy.decide(failure, started=self.started)
+        self._close_runner()
+        self.checkpoints.abort()  # staging directories of the failed attempt are not checkpoints
+        point = self.checkpoints.latest_point() if decision.retry else None
+        where = point.path.name if point is not None else "step 0 (no checkpoint yet)"
+        action = f"restart every stage from {where}: {decision.reason}" if decision.retry else \
+            f"stop: {decision.reason}"
+        self.progress.note(self.journal.record(failure, action))
+        if not decision.retry:
+            if not self.started:
+                raise err
+            raise RunFailedError(failure, decision.reason, self._newest(), self.journal.count) from err
+        self._rewind(point.step if point is not None else 0)
+        return point
+
+    def _rewind(self, step: int) -> None:
+        """Records of steps from `step` on will be written again: drop them everywhere, so none appears twice."""
+        self.metrics.truncate(step)
+        if self.tensorboard is not None:
+            self.tensorboard.rewind(step)
+        self.progress.rewind(step)
+        self.records = [r for r in self.records if r["step"] < step]
+        self.done = step
+
+    # ---- stopping on a signal ----
+
+    def _stop_at_checkpoint(self) -> None:
+        """After SIGTERM/SIGINT the queued steps are done: save their state if no checkpoint has it yet."""
+        newest = self.checkpoints.store.latest()
+        saved = newest is not None and newest.step == self.done
+        if not saved and self.signals.remaining_s() > 0:
+            staged = self.checkpoints.staging(self.done)
+            try:
+                self.runner.save(staged, self.done, self.signals)
+                self.checkpoints.commit(staged, self.done)
+                saved = True
+            except (GraceExpired, WorkerGroupError) as err:
+                logger.warning("no checkpoint of step %d could be written before stopping: %s", self.done,
+                               " ".join(str(err).split())[:300])
+        raise self._stopped(saved)
+
+    def _stopped(self, saved: bool) -> RunStopped:
+        return RunStopped(self.signals.received or "a signal", self.done, self._newest(), saved)
+
+    def _newest(self) -> Path | None:
+        newest = self.checkpoints.store.latest()
+        return newest.path if newest is not None else None
+
+    def _close_runner(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+
+    def _close(self) -> None:
+        self.progress.close()
+        self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        self._close_runner()
+        self.checkpoints.abort()  # staging directories left by a failure are not checkpoints
+        self.signals.uninstall()
+
+
+def _start_failure(err: WorkerGroupError) -> Failure:
+    """A failure to start the groups again (e.g. resources that did not come back in time), as a Failure."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return Failure(worker="the pipeline", kind="raised", cause=first, phase="start-up", step=None,
+                   user_error=caused_by_user(err))
 
 
 class _LocalRunner:
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
 
-    def start(self, resume_from: Path | None) -> None:
+    def start(self, point: ResumePoint | None) -> None:
         from lopt_dist.data import MicroBatches, build_examples
         from lopt_dist.model.loading import load_causal_lm
         from lopt_dist.train.local import LocalTrainer
@@ -97,11 +229,11 @@ class _LocalRunner:
         model = load_causal_lm(cfg.model.name, dtype=run_dtype(cfg.train),
                                attn_implementation=cfg.model.attn_implementation)
         self.trainer = LocalTrainer(cfg, model, batches, device)
-        if resume_from is not None:
-            self.trainer.load_state(resume_from)
+        if point is not None:
+            self.trainer.load_state(point.path)
 
-    def steps(self, first: int, end: int, checkpoint_at) -> Iterator[tuple[dict, Path | None]]:
-        while self.trainer.step < end:
+    def steps(self, first: int, end: int, checkpoint_at, stop: StopSignals) -> Iterator[tuple[dict, Path | None]]:
+        while self.trainer.step < end and not stop.requested:
             result = self.trainer.train_step()
             record = result.as_record()
             record["peak_mem_bytes"] = step_peak_bytes(self.trainer.memory())
@@ -109,6 +241,9 @@ class _LocalRunner:
             if staged is not None:
                 self.trainer.save_state(staged)
             yield record, staged
+
+    def save(self, directory: Path, step: int, stop: StopSignals) -> None:
+        self.trainer.save_state(directory)
 
     def export_shards(self, directory: Path, max_bytes: int, dtype: torch.dtype) -> list[Shard]:
         """The same shard writer as the workers', over the trainer's fp32 weights, one stage at a time."""
@@ -123,21 +258,25 @@ class _RayRunner:
         self.cfg = cfg
         self.driver = None
 
-    def start(self, resume_from: Path | None) -> None:
+    def start(self, point: ResumePoint | None) -> None:
         from lopt_dist.pipeline.driver import PipelineDriver
 
         self.driver = PipelineDriver.start(self.cfg)
-        if resume_from is not None:
-            self.driver.load_checkpoint(str(resume_from))
+        if point is not None:
+            self.driver.load_checkpoint(str(point.path), point.step)
 
-    def steps(self, first: int, end: int, checkpoint_at) -> Iterator[tuple[dict, Path | None]]:
+    def steps(self, first: int, end: int, checkpoint_at, stop: StopSignals) -> Iterator[tuple[dict, Path | None]]:
         from lopt_dist.pipeline.driver import summarize_step
 
         last = time.perf_counter()
-        for report in self.driver.steps(first, end, checkpoint_at):
+        for report in self.driver.steps(first, end, checkpoint_at, stop):
             now = time.perf_counter()
             yield summarize_step(report, self.cfg, now - last), report.checkpoint
             last = now
+
+    def save(self, directory: Path, step: int, stop: StopSignals) -> None:
+        bound = min(self.driver.deadlines.save_bound(), stop.remaining_s())
+        self.driver.save_checkpoint(str(directory), step, bound, stop)
 
     def export_shards(self, directory: Path, max_bytes: int, dtype: torch.dtype) -> list[Shard]:
         return self.driver.export_shards(directory, max_bytes, dtype)

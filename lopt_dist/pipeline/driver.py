@@ -2,7 +2,8 @@
 
 The driver queues every worker's `train_step` calls in order (Ray runs one actor's calls one after another)
 and collects step k from all workers while later steps already run, so it never holds the pipeline back. A
-worker that raises or dies fails the run at once, naming the worker and the step.
+worker that raises, dies or hangs (a step or save outrunning its bound, recovery/deadlines.py) fails the step at
+once, blamed on the worker that failed first (pipeline/health.py); the run loop decides what happens next.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import itertools
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -26,11 +28,14 @@ from lopt_dist.checkpoint.safetensors_io import Shard
 from lopt_dist.config import ConfigError, ExperimentConfig
 from lopt_dist.device import Slot, boundary_backend, cluster_uses_gpus, device_views, group_backend
 from lopt_dist.pipeline.deepspeed_engine import deepspeed_config
-from lopt_dist.pipeline.errors import WorkerFailedError
-from lopt_dist.pipeline.futures import wait_all
+from lopt_dist.pipeline.errors import PipelineFailure, WorkerFailedError
+from lopt_dist.pipeline.futures import get_result, wait_all
 from lopt_dist.pipeline.group import WorkerGroup
+from lopt_dist.pipeline.health import Call, Where, diagnose, probe
 from lopt_dist.pipeline.placement import GroupRequest, Placement, reserve
 from lopt_dist.pipeline.stage_worker import BoundaryAddress, StageWorker, WorkerStepStats
+from lopt_dist.recovery.deadlines import StepDeadlines
+from lopt_dist.recovery.signals import GraceExpired, StopSignals
 from lopt_dist.telemetry.memory import step_peak_bytes
 
 logger = logging.getLogger(__name__)
@@ -162,11 +167,26 @@ class StepReport:
     checkpoint: Path | None = None  # staged checkpoint of the state after this step, to commit
 
 
+@dataclass
+class _Queued:
+    """A step queued on every worker, and the checkpoint save queued right behind it (if any)."""
+
+    step: int
+    train: list[Call]
+    save: list[Call]
+    directory: Path | None
+
+    def calls(self) -> list[Call]:
+        return self.train + self.save
+
+
 class PipelineDriver:
     def __init__(self, cfg: ExperimentConfig, launched: Launched) -> None:
         self.cfg = cfg
         self.launched = launched
         self.groups = launched.groups
+        self.deadlines = StepDeadlines(cfg.runtime)
+        self.where: dict[str, Where] = {}  # each worker's stage, node and pid, for failure reports
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, worker_cls: type[StageWorker] = StageWorker,
@@ -174,26 +194,50 @@ class PipelineDriver:
         """Start one group per stage, wire the boundaries and build every engine.
 
         `worker_cls` / `extra_init_args`: a `StageWorker` subclass and what its constructor takes after
-        `(cfg, stage_index)` (the benchmark's instrumented worker uses this).
+        `(cfg, stage_index)` (the benchmark's instrumented worker uses this). A worker that fails while setting
+        up raises PipelineFailure (phase "start-up"), blamed like a failure in a step.
         """
         ds_configs = [deepspeed_config(cfg, g, f"runtime.groups[{i}].deepspeed_config")
                       for i, g in enumerate(cfg.runtime.groups)]
         connect_ray(cfg)
-        launched = launch_pipeline(cfg, worker_cls, extra_init_args)
-        groups = launched.groups
+        driver = cls(cfg, launch_pipeline(cfg, worker_cls, extra_init_args))
         try:
-            # Boundary b's store lives on stage b's worker 0, on a port it holds open on its node's address.
-            addresses = [BoundaryAddress(g.master_addr, g.execute_single(0, "_reserve_port"), backend)
-                         for g, backend in zip(groups[:-1], launched.boundary_backends)]
-            refs = {}
-            for group, backend, ds in zip(groups, launched.group_backends, ds_configs):
-                setup = group.execute_async("setup", group.master_addr, group.master_port, addresses, backend, ds)
-                refs.update(group.label_refs(setup))
-            wait_all(refs, timeout_s=cfg.runtime.boundary_timeout_s)
+            driver._locate(probe_pids=False)
+            driver._setup(ds_configs)
+            driver._locate(probe_pids=True)
         except BaseException:
-            launched.shutdown()
+            driver.shutdown()
             raise
-        return cls(cfg, launched)
+        return driver
+
+    def _setup(self, ds_configs: list[dict]) -> None:
+        groups = self.groups
+        # Boundary b's store lives on stage b's worker 0, on a port it holds open on its node's address.
+        addresses = [BoundaryAddress(g.master_addr, g.execute_single(0, "_reserve_port"), backend)
+                     for g, backend in zip(groups[:-1], self.launched.boundary_backends)]
+        calls = []
+        for group, backend, ds in zip(groups, self.launched.group_backends, ds_configs):
+            refs = group.execute_async("setup", group.master_addr, group.master_port, addresses, backend, ds)
+            calls += [Call(label, "start-up", None, ref) for label, ref in group.label_refs(refs).items()]
+        self._collect(calls, self.cfg.runtime.boundary_timeout_s)
+
+    def _locate(self, probe_pids: bool) -> None:
+        """Note each worker's stage, node and (once set up) pid: a dead worker can no longer say where it ran."""
+        probes = probe(self.groups, self.cfg.runtime.health_timeout_s) if probe_pids else {}
+        for stage, group in enumerate(self.groups):
+            for rank, info in enumerate(group.rank_infos):
+                label = group.label(rank)
+                status = probes[label].status if label in probes else None
+                self.where[label] = Where(stage, info.node_ip, status.pid if status is not None else None)
+        if probe_pids:
+            logger.info("workers: %s", "; ".join(f"{label} on {w.node} pid {w.pid}" for label, w in self.where.items()))
+
+    def _calls(self, method: str, phase: str, step: int | None, *args) -> list[Call]:
+        calls = []
+        for group in self.groups:
+            refs = group.execute_async(method, *args)
+            calls += [Call(label, phase, step, ref) for label, ref in group.label_refs(refs).items()]
+        return calls
 
     def _all(self, method: str, *args) -> dict[str, ray.ObjectRef]:
         refs = {}
@@ -201,35 +245,84 @@ class PipelineDriver:
             refs.update(group.label_refs(group.execute_async(method, *args)))
         return refs
 
-    def steps(self, first: int, last: int, checkpoint_at: Callable[[int], Path | None]) -> Iterator[StepReport]:
+    # ---- the step loop ----
+
+    def steps(self, first: int, last: int, checkpoint_at: Callable[[int], Path | None],
+              stop: StopSignals | None = None) -> Iterator[StepReport]:
         """Run steps [first, last); yield each step's report as soon as every worker has finished it.
 
         `checkpoint_at(n)` returns a staging directory when the state after n completed steps must be saved;
-        the save is queued on every worker right behind that step, so each saves exactly that state.
+        the save is queued on every worker right behind that step, so each saves exactly that state. A step or
+        save that fails or outruns its bound (recovery/deadlines.py) raises PipelineFailure, blamed on the
+        worker that failed first. Once `stop` is requested no further step is queued: the loop ends after the
+        steps already queued, or raises GraceExpired when they outrun the stop's grace period.
         """
-        queued: deque[tuple[int, dict, dict, Path | None]] = deque()
+        queued: deque[_Queued] = deque()
         next_step = first
-        while queued or next_step < last:
+        self.deadlines.restart()
+        self.deadlines.waiting()
+        while True:
             # Keep a few steps queued so that no worker ever idles waiting for the driver.
-            while next_step < last and len(queued) < _STEPS_QUEUED_AHEAD:
-                directory = checkpoint_at(next_step + 1)
-                train = self._all("train_step", next_step)
-                save = self._all("save_checkpoint", str(directory)) if directory else {}
-                queued.append((next_step, train, save, directory))
+            while next_step < last and len(queued) < _STEPS_QUEUED_AHEAD and not (stop and stop.requested):
+                queued.append(self._queue(next_step, checkpoint_at(next_step + 1)))
                 next_step += 1
-            step, train, save, directory = queued.popleft()
-            try:
-                results = wait_all(train)
-                wait_all(save)
-            except WorkerFailedError as err:
-                raise WorkerFailedError(err.label, f"in step {step}: {err.error}", err.details, died=err.died) from err
-            yield StepReport(step, list(results.values()), directory)
+            if not queued:
+                return
+            entry = queued[0]
+            later = [c for q in list(queued)[1:] for c in q.calls()]
+            results = self._collect(entry.train, self.deadlines.step_bound(), stop, also=entry.save + later)
+            self.deadlines.step_done()
+            if entry.save:
+                self._collect(entry.save, self.deadlines.save_bound(), stop, also=later)
+            queued.popleft()
+            self.deadlines.waiting()
+            yield StepReport(entry.step, list(results.values()), entry.directory)
 
-    def save_checkpoint(self, directory: str) -> None:
-        wait_all(self._all("save_checkpoint", directory))
+    def _queue(self, step: int, directory: Path | None) -> _Queued:
+        train = self._calls("train_step", "train_step", step, step)
+        save = self._calls("save_checkpoint", "save_checkpoint", step + 1, str(directory)) if directory else []
+        return _Queued(step, train, save, directory)
 
-    def load_checkpoint(self, directory: str) -> None:
-        wait_all(self._all("load_checkpoint", directory))
+    def _collect(self, calls: list[Call], bound_s: float, stop: StopSignals | None = None,
+                 also: list[Call] = ()) -> dict[str, Any]:
+        """Wait for `calls` (one per worker), at most `bound_s`; {label: result}. On a failure or a hang, probe
+        every worker and raise PipelineFailure blaming the one that failed first (`also`: the calls queued
+        behind these, which show where a worker that ran ahead failed). Waits in slices of a second, so that a
+        stop signal's grace period is kept to the second."""
+        deadline = time.monotonic() + bound_s
+        pending = {c.ref: c for c in calls}
+        results: dict[str, Any] = {}
+        while pending:
+            now = time.monotonic()
+            if stop is not None and stop.deadline is not None and now >= stop.deadline:
+                raise GraceExpired(f"waiting on {', '.join(c.label for c in pending.values())}")
+            if now >= deadline:
+                self._fail([*pending.values(), *also], None, bound_s)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(1.0, deadline - now))
+            for ref in ready:
+                call = pending.pop(ref)
+                try:
+                    results[call.label] = get_result(call.label, ref)
+                except WorkerFailedError as err:
+                    self._fail([call, *pending.values(), *also], err, None)
+        return {c.label: results[c.label] for c in calls}
+
+    def _fail(self, calls: list[Call], trigger: WorkerFailedError | None, bound_s: float | None) -> None:
+        failure, error = diagnose(self.groups, calls, self.where, self.cfg.runtime.health_timeout_s, trigger, bound_s)
+        raise PipelineFailure(failure) from (error or trigger)
+
+    # ---- checkpoints and export ----
+
+    def save_checkpoint(self, directory: str, step: int | None = None, bound_s: float | None = None,
+                        stop: StopSignals | None = None) -> None:
+        """Every worker saves its part of the state (after `step` steps) into `directory`, within `bound_s`
+        (default runtime.save_timeout_s) and the grace period of `stop`."""
+        calls = self._calls("save_checkpoint", "save_checkpoint", step, directory)
+        self._collect(calls, bound_s if bound_s is not None else self.deadlines.save_bound(), stop)
+
+    def load_checkpoint(self, directory: str, step: int | None = None) -> None:
+        calls = self._calls("load_checkpoint", "load_checkpoint", step, directory)
+        self._collect(calls, self.deadlines.save_bound())
 
     def export_shards(self, directory: Path, max_bytes: int, dtype: torch.dtype) -> list[Shard]:
         """Every stage writes its part of the final model into `directory`; their shards' metadata, stage by stage.
@@ -246,7 +339,15 @@ class PipelineDriver:
         return [w for w in results.values() if w is not None]
 
     def shutdown(self) -> None:
-        self.launched.shutdown()
+        """Kill every worker and release the reservation, waiting at most runtime.health_timeout_s: with its node's
+        raylet gone (a lost node, or a signal that took an embedded Ray down with the driver) Ray's calls never
+        return, and a run that is stopping or restarting must not hang on them."""
+        closer = threading.Thread(target=self.launched.shutdown, name="pipeline-shutdown", daemon=True)
+        closer.start()
+        closer.join(self.cfg.runtime.health_timeout_s)
+        if closer.is_alive():
+            logger.warning("the workers did not confirm their shutdown within %g s (runtime.health_timeout_s); "
+                           "going on without", self.cfg.runtime.health_timeout_s)
         self.groups = []
 
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ray
 import torch
 
 from lopt_dist.checkpoint import deepspeed_state
@@ -21,8 +22,10 @@ from lopt_dist.checkpoint.safetensors_io import Shard
 from lopt_dist.config import ExperimentConfig
 from lopt_dist.model import BOUNDARY_KEYS
 from lopt_dist.model.stage_loader import LoadReport, load_stage
+from lopt_dist.pipeline.activity import Activity, WorkerStatus
 from lopt_dist.pipeline.deepspeed_engine import build_engine, zero3_partitioner
-from lopt_dist.pipeline.worker import WorkerBase
+from lopt_dist.pipeline.faults import FaultInjector
+from lopt_dist.pipeline.worker import CONTROL_GROUP, WorkerBase
 from lopt_dist.telemetry.memory import memory_snapshot, reset_peak
 from lopt_dist.telemetry.timing import BusyClock
 from lopt_dist.train.precision import run_dtype
@@ -60,6 +63,8 @@ class BoundaryAddress:
 
 
 class StageWorker(WorkerBase):
+    concurrency_groups = {CONTROL_GROUP: 1}  # `status` answers while a step or a save blocks
+
     def __init__(self, cfg: ExperimentConfig, stage_index: int) -> None:
         self.cfg = cfg
         self.stage_index = stage_index
@@ -70,6 +75,8 @@ class StageWorker(WorkerBase):
         self.sender: ActivationSender | None = None
         self.receiver: ActivationReceiver | None = None
         self.batches = None
+        self.activity = Activity()
+        self.faults: FaultInjector | None = None
 
     def __repr__(self) -> str:
         # Ray prefixes this worker's log lines with it and the state API reports it as `repr_name`; Ray reads
@@ -83,6 +90,8 @@ class StageWorker(WorkerBase):
     ) -> int:
         """Join the group's process group (`backend`), build the engine, then join and warm up the boundary
         groups. Returns #params."""
+        self.activity.set("setting up")
+        self.faults = FaultInjector(self.stage_index, self.rank_info.rank)
         device = self.claim_device(self.group.threads_per_worker)
         self.init_torch_distributed(master_addr, master_port, backend, self.cfg.runtime.collective_timeout_s)
         torch.manual_seed(self.cfg.train.seed)
@@ -93,6 +102,7 @@ class StageWorker(WorkerBase):
         if self.stage_index == 0:
             self._build_data()
         self._join_boundaries(boundaries)
+        self.activity.set("idle after set-up")
         return self.load_report.parameters
 
     def _build_data(self) -> None:
@@ -119,6 +129,8 @@ class StageWorker(WorkerBase):
 
     def _join(self, boundaries: list[BoundaryAddress], boundary: int, rank: int):
         addr, layout = boundaries[boundary], self._layout(boundary)
+        self.activity.set(f"joining boundary {boundary} (waits for the workers of stages {boundary} and "
+                          f"{boundary + 1})", waits_on_peer=True)
         listener = self.take_listener(addr.port) if rank == 0 else None  # stage b's worker 0 hosts the store
         link = create_boundary_group(addr.host, addr.port, rank, layout.world_size, addr.backend,
                                      datetime.timedelta(seconds=self.cfg.runtime.boundary_timeout_s),
@@ -137,6 +149,7 @@ class StageWorker(WorkerBase):
         """One optimizer step: this worker's share of micro-batches step*M .. (step+1)*M - 1."""
         per_step = self.cfg.train.micro_batches_per_step
         stats = WorkerStepStats(stage=self.stage_index, rank=self.rank_info.rank, step=step)
+        self.activity.begin_step(step)
         reset_peak(self.device)
         start = time.perf_counter()
         sent0 = self.sender.stats.snapshot() if self.sender else None
@@ -152,11 +165,17 @@ class StageWorker(WorkerBase):
             if m % workers != self.rank_info.rank:
                 continue
             batch = self._next_input(m)
+            self.activity.set(f"forward of micro-batch {m}")
             with busy.span():
                 out = self.engine(batch)
             if self.sender is not None:  # before the backward, so the next stage can start at once
-                self.sender.send(out.boundary, self.out_layout.receiver_rank(self.out_layout.consumer(m)), m)
+                consumer = self.out_layout.consumer(m)
+                self.activity.set(f"sending micro-batch {m} to stage {self.stage_index + 1} worker {consumer}",
+                                  waits_on_peer=True)
+                self.sender.send(out.boundary, self.out_layout.receiver_rank(consumer), m)
                 stats.max_outstanding = max(stats.max_outstanding, self.sender.outstanding)
+            self.faults.maybe_fire("train_step", step)
+            self.activity.set(f"backward and optimizer step of micro-batch {m}")
             with busy.span():
                 self.engine.backward(out.loss)
                 self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
@@ -178,13 +197,23 @@ class StageWorker(WorkerBase):
             stats.recv_wait_s, stats.bytes_received = delta.blocked_s, delta.bytes
         stats.wall_s = time.perf_counter() - start
         stats.memory = memory_snapshot(self.device)
+        self.activity.end_step()
         return stats
 
     def _next_input(self, m: int) -> dict[str, torch.Tensor]:
         if self.receiver is None:
+            self.activity.set(f"reading micro-batch {m} from the data")
             return {k: v.to(self.device) for k, v in self.batches.get(m).items()}
-        src = self.in_layout.sender_rank(self.in_layout.producer(m))
-        return self.receiver.recv(src, m)
+        producer = self.in_layout.producer(m)
+        self.activity.set(f"receiving micro-batch {m} from stage {self.stage_index - 1} worker {producer}",
+                          waits_on_peer=True)
+        return self.receiver.recv(self.in_layout.sender_rank(producer), m)
+
+    # ---- health (control thread: answers while a step or a save blocks) ----
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def status(self) -> WorkerStatus:
+        return self.activity.status()
 
     def residency(self) -> dict:
         """What this worker holds of its stage's parameters: whole tensors (`held_elements`) and ZeRO-3
@@ -200,13 +229,21 @@ class StageWorker(WorkerBase):
     def save_checkpoint(self, directory: str) -> None:
         """This stage's DeepSpeed state plus this rank's RNG states, into `directory`/stage_<i>."""
         if self.sender is not None:
+            self.activity.set(f"waiting for stage {self.stage_index + 1} to take the step's last micro-batches "
+                              "before a checkpoint", waits_on_peer=True)
             self.sender.flush()
+        self.activity.set(f"writing a checkpoint into {directory}")
+        self.faults.maybe_fire("save_checkpoint", self.activity.step + 1)  # named by the step of its state
         path = Path(directory) / f"stage_{self.stage_index}"
         deepspeed_state.save_stage(self.engine, path, self.rank_info.rank, self.device)
+        self.activity.set(f"idle after a checkpoint of step {self.activity.step}")
 
     def load_checkpoint(self, directory: str) -> None:
+        self.activity.set(f"loading the checkpoint {directory}")
         path = Path(directory) / f"stage_{self.stage_index}"
         deepspeed_state.load_stage(self.engine, path, self.rank_info.rank, self.device)
+        self.activity.checkpoint_loads += 1
+        self.activity.set(f"idle after loading {directory}")
 
     def export_shards(self, directory: str, max_bytes: int, dtype: torch.dtype) -> list[Shard] | None:
         """This stage's part of the final model as safetensors shards in `directory`; their metadata on rank 0."""

@@ -14,16 +14,17 @@ until the group's timeout.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from lopt_dist.transport.boundary_group import BoundaryGroup
-from lopt_dist.transport.header import ChannelError, Header, decode_header, encode_header, header_length
+from lopt_dist.transport.header import ChannelError, Header, PeerLostError, decode_header, encode_header, header_length
 from lopt_dist.transport.staging import from_wire, receive_buffers, to_wire
 
 
@@ -54,14 +55,28 @@ class ChannelStats:
 
 @dataclass
 class _InFlight:
+    micro_batch: int
+    dst: int
     works: list[dist.Work]
     # The tensors being sent; torch must not free or reuse them until the works complete.
     tensors: list[torch.Tensor] = field(repr=False)
 
-    def wait(self) -> None:
+    def wait(self, group: BoundaryGroup) -> None:
         # The header (on gloo) comes first: its completion means the receiver has started taking this message.
-        for work in self.works:
-            work.wait()
+        with _peer_errors(group, f"sending micro-batch {self.micro_batch} to rank {self.dst}"):
+            for work in self.works:
+                work.wait()
+
+
+@contextlib.contextmanager
+def _peer_errors(group: BoundaryGroup, doing: str) -> Iterator[None]:
+    """The backend's errors (a peer that died, a broken connection, the group's timeout) as PeerLostError."""
+    try:
+        yield
+    except ChannelError:
+        raise
+    except RuntimeError as err:
+        raise PeerLostError(f"boundary {group.name}: {doing}: {' '.join(str(err).split())}") from err
 
 
 class ActivationSender:
@@ -102,7 +117,7 @@ class ActivationSender:
         works = [self._group.isend(header, dst)]
         # gloo may not accept zero-byte messages; the receiver knows the empty shape from the header.
         works += [self._group.isend(t, dst) for t in wire if t.numel() > 0]
-        self._in_flight.append(_InFlight(works, [header, *wire]))
+        self._in_flight.append(_InFlight(micro_batch, dst, works, [header, *wire]))
         self.peak_outstanding = max(self.peak_outstanding, len(self._in_flight))
         self.stats.messages += 1
         self.stats.bytes += sum(t.numel() * t.element_size() for t in (header, *tensors))
@@ -114,7 +129,7 @@ class ActivationSender:
 
     def _wait_oldest(self) -> None:
         start = time.perf_counter()
-        self._in_flight[0].wait()
+        self._in_flight[0].wait(self._group)
         self._in_flight.popleft()
         self.stats.blocked_s += time.perf_counter() - start
 
@@ -138,13 +153,14 @@ class ActivationReceiver:
         Raises ChannelError when the message that arrives is not the one expected (a routing bug)."""
         start = time.perf_counter()
         header_buf = torch.empty(header_length(len(self._keys)), dtype=torch.int64)
-        self._group.irecv(header_buf, src).wait()
-        header = decode_header(header_buf, len(self._keys))
-        self._check(header, src, micro_batch)
-        buffers = receive_buffers(header.tensors, self._device, self._group.moves_cuda)
-        works = [self._group.irecv(t, src) for t in buffers if t.numel() > 0]
-        for work in works:
-            work.wait()
+        with _peer_errors(self._group, f"receiving micro-batch {micro_batch} from rank {src}"):
+            self._group.irecv(header_buf, src).wait()
+            header = decode_header(header_buf, len(self._keys))
+            self._check(header, src, micro_batch)
+            buffers = receive_buffers(header.tensors, self._device, self._group.moves_cuda)
+            works = [self._group.irecv(t, src) for t in buffers if t.numel() > 0]
+            for work in works:
+                work.wait()
         tensors = from_wire(buffers, self._device)
         self.stats.blocked_s += time.perf_counter() - start
         self.stats.messages += 1

@@ -64,7 +64,7 @@ class _Run:
         self.resume = resume
         self.end_step = min(cfg.train.steps, cfg.checkpoint.stop_after or cfg.train.steps)
         self.done = resume.step if resume is not None else 0  # steps trained and recorded
-        self.started = False  # some step of this invocation completed
+        self.started = False  # the pipeline of this invocation started (set up, checkpoint loaded) once
         self.records: list[dict] = []
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.done)  # a resumed run drops what it will redo
         self.tensorboard = TensorBoardLog(self.out / "tensorboard", self.done) if cfg.logging.tensorboard else None
@@ -87,6 +87,8 @@ class _Run:
                 try:
                     self._attempt(point)
                     break
+                except RunFailedError:
+                    raise  # decided already (a failure the driver asked about, see `admit`)
                 except WorkerGroupError as err:
                     point = self._recover(err)
             if self.cfg.checkpoint.export and self.end_step == self.cfg.train.steps:
@@ -108,7 +110,8 @@ class _Run:
         self.runner = _LocalRunner(self.cfg) if self.cfg.runtime.mode == "local" else _RayRunner(self.cfg)
         with self.signals.interruptible():
             self.runner.start(point)
-        for record, staged in self.runner.steps(self.done, self.end_step, self._checkpoint_at, self.signals):
+        self.started = True
+        for record, staged in self.runner.steps(self.done, self.end_step, self._checkpoint_at, self.signals, self):
             self._write(record)
             if staged is not None:
                 self.checkpoints.commit(staged, record["step"] + 1)
@@ -128,7 +131,6 @@ class _Run:
         self.progress.update(record)
         self.records.append(record)
         self.done = record["step"] + 1
-        self.started = True
 
     # ---- failures ----
 
@@ -147,13 +149,26 @@ class _Run:
         where = point.path.name if point is not None else "step 0 (no checkpoint yet)"
         action = f"restart every stage from {where}: {decision.reason}" if decision.retry else \
             f"stop: {decision.reason}"
-        self.progress.note(self.journal.record(failure, action))
+        self.progress.note(self.journal.record(failure, "; ".join([action, *failure.notes])))
         if not decision.retry:
             if not self.started:
                 raise err
             raise RunFailedError(failure, decision.reason, self._newest(), self.journal.count) from err
         self._rewind(point.step if point is not None else 0)
         return point
+
+    # ---- what the driver asks before restarting one stage alone (pipeline/driver.py: Recovery) ----
+
+    def latest(self) -> tuple[Path, int] | None:
+        newest = self.checkpoints.store.latest()
+        return (newest.path, newest.step) if newest is not None else None
+
+    def admit(self, failure: Failure, action: str) -> None:
+        decision = self.policy.decide(failure, started=self.started)
+        self.progress.note(self.journal.record(failure, f"{action}: {decision.reason}" if decision.retry else
+                                               f"stop: {decision.reason}"))
+        if not decision.retry:
+            raise RunFailedError(failure, decision.reason, self._newest(), self.journal.count)
 
     def _rewind(self, step: int) -> None:
         """Records of steps from `step` on will be written again: drop them everywhere, so none appears twice."""
@@ -232,7 +247,8 @@ class _LocalRunner:
         if point is not None:
             self.trainer.load_state(point.path)
 
-    def steps(self, first: int, end: int, checkpoint_at, stop: StopSignals) -> Iterator[tuple[dict, Path | None]]:
+    def steps(self, first: int, end: int, checkpoint_at, stop: StopSignals,
+              recovery=None) -> Iterator[tuple[dict, Path | None]]:
         while self.trainer.step < end and not stop.requested:
             result = self.trainer.train_step()
             record = result.as_record()
@@ -265,11 +281,12 @@ class _RayRunner:
         if point is not None:
             self.driver.load_checkpoint(str(point.path), point.step)
 
-    def steps(self, first: int, end: int, checkpoint_at, stop: StopSignals) -> Iterator[tuple[dict, Path | None]]:
+    def steps(self, first: int, end: int, checkpoint_at, stop: StopSignals,
+              recovery=None) -> Iterator[tuple[dict, Path | None]]:
         from lopt_dist.pipeline.driver import summarize_step
 
         last = time.perf_counter()
-        for report in self.driver.steps(first, end, checkpoint_at, stop):
+        for report in self.driver.steps(first, end, checkpoint_at, stop, recovery):
             now = time.perf_counter()
             yield summarize_step(report, self.cfg, now - last), report.checkpoint
             last = now

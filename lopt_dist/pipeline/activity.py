@@ -23,6 +23,7 @@ class WorkerStatus:
     steps_run: int  # train_step calls finished by this process
     checkpoint_loads: int  # load_checkpoint calls finished by this process
     first_step: int | None  # the first step this process trained
+    replay_from: int | None = None  # the sender's replay log holds every micro-batch from this one (None: no log)
 
     def describe(self) -> str:
         step = f"step {self.step}, " if self.step is not None else ""
@@ -49,7 +50,8 @@ class Activity:
         self.steps_run += 1
         self.set(f"idle after step {self.step}")
 
-    def status(self) -> WorkerStatus:
+    def status(self, replay_from: int | None = None) -> WorkerStatus:
         return WorkerStatus(pid=os.getpid(), step=self.step, doing=self.doing, for_s=time.monotonic() - self.since,
                             waits_on_peer=self.waits_on_peer, steps_run=self.steps_run,
-                            checkpoint_loads=self.checkpoint_loads, first_step=self.first_step)
+                            checkpoint_loads=self.checkpoint_loads, first_step=self.first_step,
+                            replay_from=replay_from)

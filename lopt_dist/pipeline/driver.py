@@ -8,31 +8,28 @@ once, blamed on the worker that failed first (pipeline/health.py); the run loop 
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
-import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 import torch
-from ray.exceptions import AuthenticationError
 
 from lopt_dist.checkpoint.safetensors_io import Shard
-from lopt_dist.config import ConfigError, ExperimentConfig
-from lopt_dist.device import Slot, boundary_backend, cluster_uses_gpus, device_views, group_backend
+from lopt_dist.config import ExperimentConfig
 from lopt_dist.pipeline.deepspeed_engine import deepspeed_config
-from lopt_dist.pipeline.errors import PipelineFailure, WorkerFailedError
+from lopt_dist.pipeline.errors import Failure, PipelineFailure, WorkerFailedError
 from lopt_dist.pipeline.futures import get_result, wait_all
 from lopt_dist.pipeline.group import WorkerGroup
 from lopt_dist.pipeline.health import Call, Where, diagnose, probe
-from lopt_dist.pipeline.placement import GroupRequest, Placement, reserve
+# Launching lives in launch.py; these names are imported from here by older callers.
+from lopt_dist.pipeline.launch import Launched, connect_ray, launch_pipeline, relaunch_stage, wait_for_ray  # noqa: F401
+from lopt_dist.pipeline.stage_restart import RestartPlan, clear_stage_files, plan_restart
 from lopt_dist.pipeline.stage_worker import BoundaryAddress, StageWorker, WorkerStepStats
 from lopt_dist.recovery.deadlines import StepDeadlines
 from lopt_dist.recovery.signals import GraceExpired, StopSignals
@@ -41,123 +38,6 @@ from lopt_dist.telemetry.memory import step_peak_bytes
 logger = logging.getLogger(__name__)
 
 _STEPS_QUEUED_AHEAD = 2
-
-
-def connect_ray(cfg: ExperimentConfig) -> None:
-    """Attach to `runtime.ray_address` / RAY_ADDRESS when given, else start an embedded local instance.
-
-    The embedded instance is always a new one (`address="local"`): without it, `ray.init` would join whatever
-    cluster was last started on this machine with `ray start`, possibly someone else's.
-    """
-    if ray.is_initialized():
-        return
-    key, address = ("runtime.ray_address", cfg.runtime.ray_address) if cfg.runtime.ray_address else (
-        "RAY_ADDRESS", os.environ.get("RAY_ADDRESS"))
-    if not address or address == "local":
-        ray.init(address="local", num_cpus=cfg.runtime.ray_num_cpus, include_dashboard=False)
-        return
-    if address != "auto":  # "auto" finds a cluster on this machine, or fails at once
-        wait_for_ray(address, key, cfg.runtime.start_timeout_s)
-    try:
-        ray.init(address=address, log_to_driver=True)
-    except (ConnectionError, ValueError, AuthenticationError) as err:
-        reason = " ".join(str(err).split())
-        raise ConfigError(f"{key}: cannot attach to the Ray cluster at {address}: {reason}") from None
-
-
-def wait_for_ray(address: str, key: str, timeout_s: float) -> None:
-    """Wait until something accepts connections at `address` (host:port, or ray://host:port), for at most
-    `timeout_s`; ConfigError naming `key` after that. Ray's own client would retry for ten minutes or more."""
-    host, port = _host_port(address, key)
-    deadline = time.monotonic() + timeout_s
-    for attempt in itertools.count():
-        try:
-            with socket.create_connection((host, port), timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
-                return
-        except OSError as err:
-            reason = err.strerror or str(err) or type(err).__name__
-            if time.monotonic() + 1.0 >= deadline:
-                raise ConfigError(
-                    f"{key}: nothing answers at {address} ({reason}) after {timeout_s:g} s "
-                    "(runtime.start_timeout_s); start the cluster (ray start --head) or fix the address, or leave "
-                    "runtime.ray_address and RAY_ADDRESS unset for an embedded local Ray"
-                ) from None
-            if attempt == 0:
-                logger.info("waiting for Ray at %s (%s), up to runtime.start_timeout_s=%g s", address, reason,
-                            timeout_s)
-            time.sleep(1.0)
-
-
-def _host_port(address: str, key: str) -> tuple[str, int]:
-    if address.startswith(("http://", "https://")):
-        raise ConfigError(f"{key}: {address} is a dashboard (job submission) address; attaching needs the head's "
-                          "GCS address host:port (port 6379 by default), or submit with `ray job submit`")
-    rest = address.removeprefix("ray://")
-    host, _, port = rest.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"{key}: {address!r} is not a Ray address; give host:port (the head's GCS port, "
-                          "6379 by default), ray://host:port, auto, or local")
-    return host.strip("[]"), int(port)
-
-
-@dataclass
-class Launched:
-    """A pipeline's worker groups, started and placed, with the backends decided from where they landed."""
-
-    groups: list[WorkerGroup]
-    placement: Placement
-    gpu: bool
-    group_backends: list[str]  # each stage group's own (DeepSpeed) process group
-    boundary_backends: list[str]  # boundary b, between stage b and stage b+1
-
-    def shutdown(self) -> None:
-        for group in self.groups:
-            group.shutdown()
-        self.placement.release()
-
-
-def launch_pipeline(cfg: ExperimentConfig, worker_cls: type, extra_init_args: tuple = ()) -> Launched:
-    """Reserve one placement group for all stages, start one group per stage, show each worker its device.
-
-    The device decision (lopt_dist.device) is made from what Ray assigned each worker, as the worker reported
-    it, never from this process's CUDA: the driver may run on a CPU-only head node.
-    """
-    runtime = cfg.runtime
-    gpu = cluster_uses_gpus(runtime.device, ray.cluster_resources().get("GPU", 0))
-    if runtime.transport == "nccl" and not gpu:
-        raise ConfigError("runtime.transport: 'nccl' moves GPU tensors, but this run has no GPUs; use 'auto' or 'gloo'")
-    gpus = runtime.gpus_per_worker if gpu else 0.0
-    requests = [GroupRequest(f"stage {i}", g.workers, g.threads_per_worker, gpus) for i, g in enumerate(runtime.groups)]
-    placement = reserve(requests, runtime.start_timeout_s, wait_for_gpus=gpu and runtime.device == "cuda")
-    groups: list[WorkerGroup] = []
-    try:
-        for i, g in enumerate(runtime.groups):
-            groups.append(WorkerGroup.create(
-                worker_cls, g.workers, name=f"stage {i}", cpus_per_worker=g.threads_per_worker,
-                gpus_per_worker=gpus, init_args=(cfg, i, *extra_init_args), start_timeout_s=runtime.start_timeout_s,
-                placement=(placement, i),
-            ))
-        slots = [[r.slot(group.label(r.rank)) for r in group.rank_infos] for group in groups]
-        group_backends = [group_backend(i, s) for i, s in enumerate(slots)]
-        boundary_backends = [boundary_backend(b, runtime.transport, slots[b] + slots[b + 1])
-                             for b in range(len(groups) - 1)]
-        _show_devices(groups, slots)
-    except BaseException:
-        for group in groups:
-            group.shutdown()
-        placement.release()
-        raise
-    return Launched(groups, placement, gpu, group_backends, boundary_backends)
-
-
-def _show_devices(groups: list[WorkerGroup], slots: list[list[Slot]]) -> None:
-    """Each worker sees every pipeline GPU on its node (NCCL P2P to its peers), its own at its device index."""
-    views = iter(device_views([s for group_slots in slots for s in group_slots]))
-    refs = {}
-    for group in groups:
-        args = [(next(views),) for _ in range(len(group))]
-        refs.update(group.label_refs(group.execute_per_rank_async("_set_device_view", args)))
-    wait_all(refs)
 
 
 @dataclass
@@ -180,13 +60,29 @@ class _Queued:
         return self.train + self.save
 
 
+class Recovery(Protocol):
+    """What the driver asks the run before it restarts a stage alone (run.py implements it)."""
+
+    def latest(self) -> tuple[Path, int] | None:
+        """The newest committed checkpoint and its step."""
+
+    def admit(self, failure: Failure, action: str) -> None:
+        """Count and record the failure and the action; raises when the run must stop instead."""
+
+
 class PipelineDriver:
-    def __init__(self, cfg: ExperimentConfig, launched: Launched) -> None:
+    def __init__(self, cfg: ExperimentConfig, launched: Launched, worker_cls: type[StageWorker] = StageWorker,
+                 extra_init_args: tuple = ()) -> None:
         self.cfg = cfg
         self.launched = launched
         self.groups = launched.groups
+        self.worker_cls, self.extra_init_args = worker_cls, extra_init_args
         self.deadlines = StepDeadlines(cfg.runtime)
         self.where: dict[str, Where] = {}  # each worker's stage, node and pid, for failure reports
+        self.ds_configs: list[dict] = []
+        self.addresses: list[BoundaryAddress] = []  # where each boundary's group rendezvoused last
+        self._recent: dict[int, dict[str, WorkerStepStats]] = {}  # steps since the last checkpoint, by worker
+        self._background: list[Call] = []  # calls whose failure must stop the run, but whose end nobody awaits
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, worker_cls: type[StageWorker] = StageWorker,
@@ -200,7 +96,7 @@ class PipelineDriver:
         ds_configs = [deepspeed_config(cfg, g, f"runtime.groups[{i}].deepspeed_config")
                       for i, g in enumerate(cfg.runtime.groups)]
         connect_ray(cfg)
-        driver = cls(cfg, launch_pipeline(cfg, worker_cls, extra_init_args))
+        driver = cls(cfg, launch_pipeline(cfg, worker_cls, extra_init_args), worker_cls, extra_init_args)
         try:
             driver._locate(probe_pids=False)
             driver._setup(ds_configs)
@@ -213,12 +109,13 @@ class PipelineDriver:
     def _setup(self, ds_configs: list[dict]) -> None:
         groups = self.groups
         # Boundary b's store lives on stage b's worker 0, on a port it holds open on its node's address.
-        addresses = [BoundaryAddress(g.master_addr, g.execute_single(0, "_reserve_port"), backend)
-                     for g, backend in zip(groups[:-1], self.launched.boundary_backends)]
+        self.ds_configs = ds_configs
+        self.addresses = [BoundaryAddress(g.master_addr, g.execute_single(0, "_reserve_port"), backend)
+                          for g, backend in zip(groups[:-1], self.launched.boundary_backends)]
         calls = []
         for group, backend, ds in zip(groups, self.launched.group_backends, ds_configs):
-            refs = group.execute_async("setup", group.master_addr, group.master_port, addresses, backend, ds)
-            calls += [Call(label, "start-up", None, ref) for label, ref in group.label_refs(refs).items()]
+            refs = group.execute_async("setup", group.master_addr, group.master_port, self.addresses, backend, ds)
+            calls += _calls_of(group, refs, "start-up", None)
         self._collect(calls, self.cfg.runtime.boundary_timeout_s)
 
     def _locate(self, probe_pids: bool) -> None:
@@ -232,11 +129,10 @@ class PipelineDriver:
         if probe_pids:
             logger.info("workers: %s", "; ".join(f"{label} on {w.node} pid {w.pid}" for label, w in self.where.items()))
 
-    def _calls(self, method: str, phase: str, step: int | None, *args) -> list[Call]:
+    def _calls(self, method: str, phase: str, step: int | None, *args, groups=None) -> list[Call]:
         calls = []
-        for group in self.groups:
-            refs = group.execute_async(method, *args)
-            calls += [Call(label, phase, step, ref) for label, ref in group.label_refs(refs).items()]
+        for group in self.groups if groups is None else groups:
+            calls += _calls_of(group, group.execute_async(method, *args), phase, step)
         return calls
 
     def _all(self, method: str, *args) -> dict[str, ray.ObjectRef]:
@@ -248,14 +144,16 @@ class PipelineDriver:
     # ---- the step loop ----
 
     def steps(self, first: int, last: int, checkpoint_at: Callable[[int], Path | None],
-              stop: StopSignals | None = None) -> Iterator[StepReport]:
+              stop: StopSignals | None = None, recovery: Recovery | None = None) -> Iterator[StepReport]:
         """Run steps [first, last); yield each step's report as soon as every worker has finished it.
 
         `checkpoint_at(n)` returns a staging directory when the state after n completed steps must be saved;
-        the save is queued on every worker right behind that step, so each saves exactly that state. A step or
-        save that fails or outruns its bound (recovery/deadlines.py) raises PipelineFailure, blamed on the
-        worker that failed first. Once `stop` is requested no further step is queued: the loop ends after the
-        steps already queued, or raises GraceExpired when they outrun the stop's grace period.
+        the save is queued on every worker right behind that step, so each saves exactly that state (the caller
+        commits it before asking for the next report). A step or save that fails or outruns its bound
+        (recovery/deadlines.py) is blamed on the worker that failed first (pipeline/health.py); with `recovery`,
+        the failed stage restarts alone where that stays exact (pipeline/stage_restart.py), else PipelineFailure
+        is raised. Once `stop` is requested no further step is queued: the loop ends after the steps already
+        queued, or raises GraceExpired when they outrun the stop's grace period.
         """
         queued: deque[_Queued] = deque()
         next_step = first
@@ -270,46 +168,148 @@ class PipelineDriver:
                 return
             entry = queued[0]
             later = [c for q in list(queued)[1:] for c in q.calls()]
-            results = self._collect(entry.train, self.deadlines.step_bound(), stop, also=entry.save + later)
-            self.deadlines.step_done()
-            if entry.save:
-                self._collect(entry.save, self.deadlines.save_bound(), stop, also=later)
+            try:
+                results = self._collect(entry.train, self.deadlines.step_bound(), stop, also=entry.save + later)
+                self.deadlines.step_done()
+                if entry.save:
+                    self._collect(entry.save, self.deadlines.save_bound(), stop, also=later)
+            except PipelineFailure as failure:
+                if not self._restart_stage(failure, queued, stop, recovery):
+                    raise
+                continue  # the same step, with the restarted stage's calls
             queued.popleft()
+            workers = [results[c] for c in entry.train]
+            self._recent[entry.step] = {c.label: w for c, w in zip(entry.train, workers)}
+            yield StepReport(entry.step, workers, entry.directory)
+            if entry.directory is not None:  # the caller committed it
+                self._committed(entry.step + 1)
             self.deadlines.waiting()
-            yield StepReport(entry.step, list(results.values()), entry.directory)
 
-    def _queue(self, step: int, directory: Path | None) -> _Queued:
-        train = self._calls("train_step", "train_step", step, step)
-        save = self._calls("save_checkpoint", "save_checkpoint", step + 1, str(directory)) if directory else []
+    def _queue(self, step: int, directory: Path | None, groups=None) -> _Queued:
+        train = self._calls("train_step", "train_step", step, step, groups=groups)
+        save = self._calls("save_checkpoint", "save_checkpoint", step + 1, str(directory),
+                           groups=groups) if directory else []
         return _Queued(step, train, save, directory)
 
+    def _committed(self, step: int) -> None:
+        """The checkpoint of `step` is committed: no stage restarted alone goes back before it."""
+        self._recent = {s: w for s, w in self._recent.items() if s >= step}
+        self._background += self._calls("trim_replay", "train_step", step, step, groups=self.groups[:-1])
+
     def _collect(self, calls: list[Call], bound_s: float, stop: StopSignals | None = None,
-                 also: list[Call] = ()) -> dict[str, Any]:
-        """Wait for `calls` (one per worker), at most `bound_s`; {label: result}. On a failure or a hang, probe
-        every worker and raise PipelineFailure blaming the one that failed first (`also`: the calls queued
-        behind these, which show where a worker that ran ahead failed). Waits in slices of a second, so that a
-        stop signal's grace period is kept to the second."""
+                 also: list[Call] = ()) -> dict[Call, Any]:
+        """Wait for `calls`, at most `bound_s`; {call: result}. On a failure or a hang, probe every worker and
+        raise PipelineFailure blaming the one that failed first (`also`: the calls queued behind these, which
+        show where a worker that ran ahead failed). Background calls that fail count too. Waits in slices of a
+        second, so that a stop signal's grace period is kept to the second."""
         deadline = time.monotonic() + bound_s
-        pending = {c.ref: c for c in calls}
-        results: dict[str, Any] = {}
-        while pending:
+        waiting = {c.ref: c for c in calls}
+        results: dict[Call, Any] = {}
+        while waiting:
             now = time.monotonic()
             if stop is not None and stop.deadline is not None and now >= stop.deadline:
-                raise GraceExpired(f"waiting on {', '.join(c.label for c in pending.values())}")
+                raise GraceExpired(f"waiting on {', '.join(c.label for c in waiting.values())}")
             if now >= deadline:
-                self._fail([*pending.values(), *also], None, bound_s)
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(1.0, deadline - now))
+                self._fail([*waiting.values(), *also, *self._background], None, bound_s)
+            watched = {**{c.ref: c for c in self._background}, **waiting}
+            ready, _ = ray.wait(list(watched), num_returns=1, timeout=min(1.0, deadline - now))
             for ref in ready:
-                call = pending.pop(ref)
+                call = watched[ref]
                 try:
-                    results[call.label] = get_result(call.label, ref)
+                    result = get_result(call.label, ref)
                 except WorkerFailedError as err:
-                    self._fail([call, *pending.values(), *also], err, None)
-        return {c.label: results[c.label] for c in calls}
+                    self._fail([call, *waiting.values(), *also, *self._background], err, None)
+                if waiting.pop(ref, None) is not None:
+                    results[call] = result
+                else:
+                    self._background.remove(call)
+        return results
 
     def _fail(self, calls: list[Call], trigger: WorkerFailedError | None, bound_s: float | None) -> None:
-        failure, error = diagnose(self.groups, calls, self.where, self.cfg.runtime.health_timeout_s, trigger, bound_s)
-        raise PipelineFailure(failure) from (error or trigger)
+        diagnosis = diagnose(self.groups, calls, self.where, self.cfg.runtime.health_timeout_s, trigger, bound_s)
+        raise PipelineFailure(diagnosis.failure, diagnosis) from (diagnosis.error or trigger)
+
+    # ---- restarting one stage (pipeline/stage_restart.py) ----
+
+    def _restart_stage(self, failure: PipelineFailure, queued: deque[_Queued], stop: StopSignals | None,
+                       recovery: Recovery | None) -> bool:
+        """Restart the failed stage alone if that stays exact (False: every stage must restart)."""
+        if recovery is None or failure.diagnosis is None or (stop is not None and stop.requested):
+            return False
+        stages = {label: where.stage for label, where in self.where.items()}
+        plan = plan_restart(self.cfg, failure.diagnosis, stages, recovery.latest())
+        if isinstance(plan, str):
+            failure.failure.notes.append(f"not restarted alone: {plan}")
+            return False
+        recovery.admit(failure.failure, plan.action())  # raises when the run must stop
+        try:
+            self._relaunch(plan, queued)
+        except Exception as err:
+            cause = f"restarting stage {plan.stage} alone failed: {type(err).__name__}: {' '.join(str(err).split())}"
+            raise PipelineFailure(Failure(worker=f"stage {plan.stage}", kind="raised", cause=cause[:2000],
+                                          phase="start-up", step=plan.step, stage=plan.stage)) from err
+        return True
+
+    def _relaunch(self, plan: RestartPlan, queued: deque[_Queued]) -> None:
+        """Kill the stage's group, start a new one from the plan's checkpoint, join it to its neighbours, and
+        queue on it the steps it lost and the steps the others have queued."""
+        s, runtime = plan.stage, self.cfg.runtime
+        lost = {self.groups[s].label(rank) for rank in range(len(self.groups[s]))}
+        self._background = [c for c in self._background if c.label not in lost]  # they die with the group
+        took = {"start": time.monotonic()}
+        self.groups[s].shutdown()
+        group = relaunch_stage(self.cfg, self.launched, s, self.worker_cls, self.extra_init_args)
+        took["group"] = time.monotonic()
+        backends = self.launched.boundary_backends
+        calls = []
+        if s > 0:  # boundary s-1's store stays on stage s-1's worker 0 (a survivor, answering on its control thread)
+            port = wait_all({"port": self.groups[s - 1].execute_single_async(0, "reserve_boundary_port")},
+                            runtime.health_timeout_s)["port"]
+            self.addresses[s - 1] = BoundaryAddress(self.groups[s - 1].master_addr, port, backends[s - 1])
+            calls += _calls_of(self.groups[s - 1], self.groups[s - 1].execute_async(
+                "rejoin_boundary", s - 1, self.addresses[s - 1]), "start-up", None)
+        if s < len(self.groups) - 1:
+            self.addresses[s] = BoundaryAddress(group.master_addr, group.execute_single(0, "_reserve_port"),
+                                                backends[s])
+            calls += _calls_of(self.groups[s + 1], self.groups[s + 1].execute_async(
+                "rejoin_boundary", s, self.addresses[s]), "start-up", None)
+        setup = group.execute_async("setup", group.master_addr, group.master_port, self.addresses,
+                                    self.launched.group_backends[s], self.ds_configs[s], first_step=plan.step)
+        self._collect(_calls_of(group, setup, "start-up", None) + calls, runtime.boundary_timeout_s)
+        took["set-up"] = time.monotonic()
+        if plan.checkpoint is not None:
+            loads = _calls_of(group, group.execute_async("load_checkpoint", str(plan.checkpoint)), "load_checkpoint",
+                              plan.step)
+            self._collect(loads, self.deadlines.save_bound())
+        took["load"] = time.monotonic()
+        self._locate(probe_pids=True)
+        first_queued = queued[0].step
+        redo = [c for step in range(plan.step, first_queued)
+                for c in self._calls("train_step", "train_step", step, step, groups=[group])]
+        for entry in queued:
+            if entry.directory is not None:
+                clear_stage_files(entry.directory, s)
+            new = self._queue(entry.step, entry.directory, groups=[group])
+            entry.train, entry.save = _replace(entry.train, new.train), _replace(entry.save, new.save)
+        if s > 0:
+            self._background += self._calls("resend", "train_step", first_queued, groups=[self.groups[s - 1]])
+        self.deadlines.restart(catch_up_steps=first_queued - plan.step)
+        self._check_redone(redo, self._collect(redo, self.deadlines.step_bound(), also=[c for q in queued
+                                                                                       for c in q.calls()]))
+        took["redo"] = time.monotonic()
+        self.deadlines.restart()
+        marks = list(took.items())
+        logger.info("stage %d restarted alone from step %d in %.1f s (%s)", s, plan.step, marks[-1][1] - marks[0][1],
+                    ", ".join(f"{name} {t - before:.1f} s" for (_, before), (name, t) in zip(marks, marks[1:])))
+
+    def _check_redone(self, redo: list[Call], results: dict[Call, WorkerStepStats]) -> None:
+        """The restarted stage redid steps whose records exist: its losses must be the ones recorded."""
+        for call in redo:
+            before, now = self._recent.get(call.step, {}).get(call.label), results[call]
+            if before is not None and (before.loss_sum, before.tokens) != (now.loss_sum, now.tokens):
+                logger.warning("%s redid step %d with loss sum %r (first time: %r): the restarted stage does not "
+                               "reproduce its lost state exactly (non-deterministic kernels?)", call.label, call.step,
+                               now.loss_sum, before.loss_sum)
 
     # ---- checkpoints and export ----
 
@@ -349,6 +349,16 @@ class PipelineDriver:
             logger.warning("the workers did not confirm their shutdown within %g s (runtime.health_timeout_s); "
                            "going on without", self.cfg.runtime.health_timeout_s)
         self.groups = []
+
+
+def _calls_of(group: WorkerGroup, refs: list[ray.ObjectRef], phase: str, step: int | None) -> list[Call]:
+    return [Call(label, phase, step, ref) for label, ref in group.label_refs(refs).items()]
+
+
+def _replace(calls: list[Call], new: list[Call]) -> list[Call]:
+    """`calls` with those of the workers in `new` replaced, in the same (stage-major) order."""
+    by_label = {c.label: c for c in new}
+    return [by_label.get(c.label, c) for c in calls]
 
 
 def summarize_step(report: StepReport, cfg: ExperimentConfig, wall_s: float) -> dict[str, Any]:

@@ -76,6 +76,7 @@ class Failure:
     details: str = ""  # the remote traceback, or Ray's account of the death
     others: dict[str, str] = field(default_factory=dict)  # what each other worker was doing
     user_error: bool = False  # a config, data or model problem (lopt_dist.errors): never retried
+    notes: list[str] = field(default_factory=list)  # e.g. why the failed stage could not restart alone
 
     @property
     def where(self) -> str:
@@ -103,8 +104,9 @@ class PipelineFailure(WorkerFailedError):
 
     As a WorkerFailedError, `label` is that worker and `error` its cause in one line."""
 
-    def __init__(self, failure: Failure) -> None:
+    def __init__(self, failure: Failure, diagnosis=None) -> None:
         self.failure = failure
+        self.diagnosis = diagnosis  # pipeline/health.py's Diagnosis, in the driver's process (not pickled)
         self.label, self.error, self.details = failure.worker, failure.cause, failure.details
         self.died = failure.kind == "died"
         text = failure.summary()

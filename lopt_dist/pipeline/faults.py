@@ -6,10 +6,10 @@
 
 `at`: "train_step" (right after the step's first micro-batch was sent on: the step is half done and the next
 stage has part of it) or "save_checkpoint" (when the worker starts writing the checkpoint of the state after
-`step` steps, while the other workers write theirs). `action`: "SIGKILL" or "SIGSTOP", sent by the worker to its own process, so they are
-the real signals with their real effects; or "raise" (a RuntimeError). `once`: a file created just before the
-fault fires; a fault whose file exists never fires again, since a restarted worker passes the same step again
-(without `once` the fault fires every time: a deterministic failure).
+`step` steps, while the other workers write theirs). `action`: "SIGKILL" or "SIGSTOP", sent by the worker to
+its own process, so they are the real signals with their real effects; or "raise" (a RuntimeError). `once`: a
+file created just before the fault fires; a fault whose file exists never fires again, since a restarted worker
+passes the same step again (without `once` the fault fires every time: a deterministic failure).
 The list is read when the worker starts; without LOPT_FAULTS nothing is read and nothing fires.
 """
 

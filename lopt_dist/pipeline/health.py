@@ -83,12 +83,19 @@ class Where:
     pid: int | None
 
 
+@dataclass(frozen=True)
+class Diagnosis:
+    failure: Failure  # blamed on the worker that failed first
+    error: WorkerFailedError | None  # that worker's error, if it raised or died
+    probes: dict[str, Probe]  # every worker's answer to the status probe
+    failed: frozenset[str]  # the workers with a call that failed
+
+
 def diagnose(groups: Sequence[WorkerGroup], calls: Sequence[Call], where: dict[str, Where], timeout_s: float,
-             trigger: WorkerFailedError | None = None,
-             bound_s: float | None = None) -> tuple[Failure, WorkerFailedError | None]:
-    """The failure, blamed on the worker that failed first, and that worker's error if it raised or died.
-    `calls`: every call not yet collected, in the order queued; `trigger`: the error that reached the driver
-    (None for a hang: a wait that outran `bound_s`)."""
+             trigger: WorkerFailedError | None = None, bound_s: float | None = None) -> Diagnosis:
+    """Probe every worker and blame the one that failed first. `calls`: every call not yet collected, in the
+    order queued; `trigger`: the error that reached the driver (None for a hang: a wait that outran `bound_s`)."""
+    calls = list({c.ref: c for c in calls}.values())  # a call may be listed twice (awaited and in the background)
     probes = probe(groups, timeout_s)
     failed = _first_failures(calls)
     if trigger is not None:
@@ -109,7 +116,8 @@ def diagnose(groups: Sequence[WorkerGroup], calls: Sequence[Call], where: dict[s
         or pick(lambda w: w in pending)
         or order[0]
     )
-    return _failure(culprit, probes, failed, pending, where, timeout_s, bound_s)
+    failure, error = _failure(culprit, probes, failed, pending, where, timeout_s, bound_s)
+    return Diagnosis(failure, error, probes, frozenset(failed))
 
 
 def _failure(culprit: str, probes: dict[str, Probe], failed: dict, pending: dict[str, Call],

@@ -9,7 +9,6 @@ ever comes back from the next stage.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +19,16 @@ import torch
 from lopt_dist.checkpoint import deepspeed_state
 from lopt_dist.checkpoint.safetensors_io import Shard
 from lopt_dist.config import ExperimentConfig
-from lopt_dist.model import BOUNDARY_KEYS
 from lopt_dist.model.stage_loader import LoadReport, load_stage
 from lopt_dist.pipeline.activity import Activity, WorkerStatus
+from lopt_dist.pipeline.boundaries import BoundaryAddress, StageLinks
 from lopt_dist.pipeline.deepspeed_engine import build_engine, zero3_partitioner
 from lopt_dist.pipeline.faults import FaultInjector
 from lopt_dist.pipeline.worker import CONTROL_GROUP, WorkerBase
 from lopt_dist.telemetry.memory import memory_snapshot, reset_peak
 from lopt_dist.telemetry.timing import BusyClock
 from lopt_dist.train.precision import run_dtype
-from lopt_dist.transport import ActivationReceiver, ActivationSender, BoundaryLayout, create_boundary_group, warm_up
+from lopt_dist.transport import ActivationReceiver, ActivationSender
 
 
 @dataclass
@@ -53,15 +52,6 @@ class WorkerStepStats:
     memory: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class BoundaryAddress:
-    """Where boundary b's group rendezvouses (its TCPStore lives on stage b's worker 0) and its backend."""
-
-    host: str
-    port: int
-    backend: str = "gloo"  # decided by the driver from every member's device (lopt_dist.device)
-
-
 class StageWorker(WorkerBase):
     concurrency_groups = {CONTROL_GROUP: 1}  # `status` answers while a step or a save blocks
 
@@ -72,6 +62,7 @@ class StageWorker(WorkerBase):
         self.group = cfg.runtime.groups[stage_index]
         self.engine = None
         self.load_report: LoadReport | None = None
+        self.links: StageLinks | None = None
         self.sender: ActivationSender | None = None
         self.receiver: ActivationReceiver | None = None
         self.batches = None
@@ -86,10 +77,12 @@ class StageWorker(WorkerBase):
     # ---- start-up ----
 
     def setup(
-        self, master_addr: str, master_port: int, boundaries: list[BoundaryAddress], backend: str, ds_config: dict
+        self, master_addr: str, master_port: int, boundaries: list[BoundaryAddress], backend: str, ds_config: dict,
+        first_step: int = 0,
     ) -> int:
         """Join the group's process group (`backend`), build the engine, then join and warm up the boundary
-        groups. Returns #params."""
+        groups. `first_step`: the step this worker trains first (a stage restarted alone starts at its
+        checkpoint, its neighbours elsewhere). Returns #params."""
         self.activity.set("setting up")
         self.faults = FaultInjector(self.stage_index, self.rank_info.rank)
         device = self.claim_device(self.group.threads_per_worker)
@@ -101,7 +94,11 @@ class StageWorker(WorkerBase):
         self.device = device
         if self.stage_index == 0:
             self._build_data()
-        self._join_boundaries(boundaries)
+        self.activity.set("joining the boundaries (waits for the neighbouring stages' workers)", waits_on_peer=True)
+        self.links = StageLinks(self.cfg, self.stage_index, self.rank_info, device, self.take_listener)
+        self.links.join(boundaries, first_step)
+        self.in_layout, self.out_layout = self.links.in_layout, self.links.out_layout
+        self.receiver, self.sender = self.links.receiver, self.links.sender
         self.activity.set("idle after set-up")
         return self.load_report.parameters
 
@@ -113,35 +110,6 @@ class StageWorker(WorkerBase):
         examples = build_examples(self.cfg.data, tokenizer)
         self.batches = MicroBatches(examples, self.cfg.train.micro_batch_size, self.cfg.data.shuffle,
                                     self.cfg.data.seed, tokenizer.pad_token_id)
-
-    def _join_boundaries(self, boundaries: list[BoundaryAddress]) -> None:
-        # Incoming boundary first, then outgoing: stage s waits for stage s-1 to join boundary s-1 only after
-        # that stage has joined its own incoming one, so the rendezvous proceeds front to back, never in a cycle.
-        # Each join ends with a warm-up exchange, so connection errors surface here, not in step 0.
-        if self.stage_index > 0:
-            self.in_layout = self._layout(self.stage_index - 1)
-            link = self._join(boundaries, self.stage_index - 1, self.in_layout.receiver_rank(self.rank_info.rank))
-            self.receiver = ActivationReceiver(link, BOUNDARY_KEYS, self.device)
-        if self.stage_index < self.num_stages - 1:
-            self.out_layout = self._layout(self.stage_index)
-            link = self._join(boundaries, self.stage_index, self.out_layout.sender_rank(self.rank_info.rank))
-            self.sender = ActivationSender(link, BOUNDARY_KEYS, self.cfg.runtime.channel_depth)
-
-    def _join(self, boundaries: list[BoundaryAddress], boundary: int, rank: int):
-        addr, layout = boundaries[boundary], self._layout(boundary)
-        self.activity.set(f"joining boundary {boundary} (waits for the workers of stages {boundary} and "
-                          f"{boundary + 1})", waits_on_peer=True)
-        listener = self.take_listener(addr.port) if rank == 0 else None  # stage b's worker 0 hosts the store
-        link = create_boundary_group(addr.host, addr.port, rank, layout.world_size, addr.backend,
-                                     datetime.timedelta(seconds=self.cfg.runtime.boundary_timeout_s),
-                                     name=f"b{boundary}", device=self.device, listener=listener,
-                                     bind_host=self.rank_info.node_ip)
-        warm_up(link, layout, self.device)
-        return link
-
-    def _layout(self, boundary: int) -> BoundaryLayout:
-        groups = self.cfg.runtime.groups
-        return BoundaryLayout(senders=groups[boundary].workers, receivers=groups[boundary + 1].workers)
 
     # ---- training ----
 
@@ -209,11 +177,37 @@ class StageWorker(WorkerBase):
                           waits_on_peer=True)
         return self.receiver.recv(self.in_layout.sender_rank(producer), m)
 
-    # ---- health (control thread: answers while a step or a save blocks) ----
+    # ---- health and one-stage restarts (control thread: answers while a step or a save blocks) ----
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def status(self) -> WorkerStatus:
-        return self.activity.status()
+        replay_from = self.sender.log.complete_from if self.sender is not None and self.sender.log.max_bytes else None
+        return self.activity.status(replay_from)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def reserve_boundary_port(self) -> int:
+        """A port for a new boundary store hosted here (`_reserve_port`, answered while a step blocks)."""
+        return self._reserve_port()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def rejoin_boundary(self, boundary: int, address: BoundaryAddress) -> None:
+        """The stage across `boundary` was restarted alone: join a new group with it (pipeline/boundaries.py)."""
+        self.links.rejoin(boundary, address)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def trim_replay(self, step: int) -> None:
+        """The checkpoint of `step` is committed: a restarted next stage never needs older activations again."""
+        if self.sender is not None:
+            self.sender.log.trim(step * self.cfg.train.micro_batches_per_step)
+
+    def resend(self) -> None:
+        """After the next stage was restarted alone: send it, from the replay log, what it needs again, and wait
+        until it has taken everything sent so far. Queued behind the steps this worker already has."""
+        if self.sender is not None:
+            self.activity.set(f"replaying activations to the restarted stage {self.stage_index + 1}",
+                              waits_on_peer=True)
+            self.sender.flush()
+            self.activity.set(f"idle after step {self.activity.step}")
 
     def residency(self) -> dict:
         """What this worker holds of its stage's parameters: whole tensors (`held_elements`) and ZeRO-3

@@ -3,8 +3,8 @@
 The rule, in order (README "Failures, hangs and preemption"):
 1. a user error (a config, data, model or checkpoint problem; lopt_dist.errors) is never retried: it would
    fail the same way again, and its message names the fix;
-2. a failure while the run first starts, before any step, is not retried either: the request does not fit, a
-   model does not load; the message says why;
+2. a failure while the run first starts (before its first step is queued) is not retried either: the request
+   does not fit, a model does not load; the message says why;
 3. `runtime.max_failures: 0` fails fast;
 4. the same worker failing at the same place (step and phase) twice is deterministic and is not retried again;
 5. at most `runtime.max_failures` failures per invocation are recovered from.
@@ -30,13 +30,13 @@ class RetryPolicy:
         self.failures: list[Failure] = []
 
     def decide(self, failure: Failure, *, started: bool) -> Decision:
-        """`started`: some step of this invocation has completed (so the run can start)."""
+        """`started`: the pipeline of this invocation started once (set-up and checkpoint load done)."""
         earlier = list(self.failures)
         self.failures.append(failure)
         if failure.user_error:
             return Decision(False, "it is a user error (config, data, model or checkpoint), which a retry cannot fix")
         if not started:
-            return Decision(False, "it happened while the run was starting, before any step")
+            return Decision(False, "it happened while the run was starting, before its first step")
         if self.max_failures == 0:
             return Decision(False, "runtime.max_failures is 0 (fail fast)")
         if any((f.worker, f.phase, f.step) == (failure.worker, failure.phase, failure.step) for f in earlier):
@@ -65,9 +65,9 @@ class RunFailedError(WorkerGroupError):
     def one_line(self, resume_command: str) -> str:
         """The message in one line, with the command that continues the run."""
         if self.checkpoint is None:
-            after = "no checkpoint was committed: run it again from the start"
+            after = "No checkpoint was committed: run it again from the start"
         else:
-            after = f"last committed checkpoint: {self.checkpoint}; continue with: {resume_command}"
+            after = f"Last committed checkpoint: {self.checkpoint}; continue with: {resume_command}"
         return f"{' '.join(self.failure.summary().split())}. Not retried: {self.reason}. {after}"
 
     def __reduce__(self):

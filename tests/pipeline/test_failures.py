@@ -81,7 +81,7 @@ def test_killed_worker_fails_a_fail_fast_run_promptly_and_by_name(tiny_model_dir
     assert error.failure.worker == "stage 1 worker 0" and error.failure.kind == "died"
     assert error.failure.pid == victim.pid
     assert "in step" in str(error) and "runtime.max_failures is 0" in str(error)
-    assert "no checkpoint was committed" in str(error)
+    assert "No checkpoint was committed" in str(error)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and (_stage_workers("ALIVE") or any(_alive(p) for p in pids)):
         time.sleep(0.5)

@@ -119,6 +119,69 @@ def test_killed_stage0_and_stopped_stage1_are_recovered_by_restarting_every_stag
     assert _seconds(second["time"]) - stopped.stat().st_mtime <= STEP_FLOOR_S + HEALTH_S + 2.0, second
 
 
+def _stage_worker_ids() -> set[str]:
+    """Every StageWorker actor this Ray instance has started, alive or dead. Read from the GCS actor table
+    (Ray's state API needs the dashboard, which this module does not start)."""
+    from ray._private.state import actors
+
+    return {a["ActorID"] for a in actors().values() if a["ActorClassName"] == "StageWorker"}
+
+
+def test_killed_stage1_worker_restarts_stage1_alone_and_stage0_keeps_its_state(
+        tiny_model_dir, reference, faults_file, tmp_path):
+    # Stage 1 of two workers (the same updates as one: ZeRO-0, gradients averaged over the micro-batches).
+    killed, = _inject(faults_file, tmp_path,
+                      {"stage": 1, "rank": 1, "at": "train_step", "step": 5, "action": "SIGKILL"})
+    before = _stage_worker_ids()
+    out = tmp_path / "run"
+    zero0 = str(REPO / "configs/deepspeed/zero0.json")
+    groups = f"runtime.groups=[{{deepspeed_config: {zero0}}}, {{deepspeed_config: {zero0}, workers: 2}}]"
+    result = train(load_config(None, _overrides(tiny_model_dir("llama"), out, groups)))
+
+    assert killed.exists()
+    _assert_same_run(reference, out)
+    assert [r["step"] for r in result.records] == list(range(STEPS))
+    # Three workers at the start, two more for the restarted stage 1: stage 0's worker lived through the run (a
+    # restart of every stage would have started three more), so its state never went back to the checkpoint.
+    assert len(_stage_worker_ids() - before) == 5
+    failure, = read_failures(out)  # and the surviving stage kept going on the new boundary group
+    assert (failure["worker"], failure["kind"], failure["phase"], failure["step"]) == (
+        "stage 1 worker 1", "died", "train_step", 5), failure
+    assert failure["action"].startswith("restart stage 1 alone from step_000004; the other stages keep their state")
+
+
+def test_replay_log_too_small_falls_back_to_restarting_every_stage(tiny_model_dir, reference, faults_file, tmp_path):
+    killed, = _inject(faults_file, tmp_path,
+                      {"stage": 1, "rank": 0, "at": "train_step", "step": 5, "action": "SIGKILL"})
+    before = _stage_worker_ids()
+    out = tmp_path / "run"
+    train(load_config(None, _overrides(tiny_model_dir("llama"), out, "runtime.replay_buffer_size=1")))
+
+    assert killed.exists()
+    _assert_same_run(reference, out)
+    assert len(_stage_worker_ids() - before) == 4  # both stages started again
+    failure, = read_failures(out)
+    assert failure["worker"] == "stage 1 worker 0" and failure["step"] == 5, failure
+    assert failure["action"].startswith("restart every stage from step_000004"), failure
+    assert "not restarted alone: stage 0 worker 0 keeps activations only from micro-batch" in failure["action"]
+
+
+def test_worker_killed_while_saving_a_checkpoint_is_recovered_exactly(
+        tiny_model_dir, reference, faults_file, tmp_path):
+    killed, = _inject(faults_file, tmp_path,
+                      {"stage": 0, "rank": 0, "at": "save_checkpoint", "step": 4, "action": "SIGKILL"})
+    out = tmp_path / "run"
+    train(load_config(None, _overrides(tiny_model_dir("llama"), out)))
+
+    assert killed.exists()
+    _assert_same_run(reference, out)
+    failure, = read_failures(out)
+    assert (failure["worker"], failure["kind"], failure["phase"], failure["step"]) == (
+        "stage 0 worker 0", "died", "save_checkpoint", 4), failure
+    # The checkpoint it was writing was never committed: stage 0 starts again from the one before.
+    assert failure["action"].startswith("restart stage 0 alone from step_000002"), failure
+
+
 def test_sigterm_stops_the_cli_at_a_checkpoint_and_resume_continues_exactly(
         tiny_model_dir, reference, faults_file, tmp_path):
     faults_file.write_text("[]")

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import traceback
 
-from lopt_dist.config import ConfigError, load_config
+from lopt_dist.config import load_config
+from lopt_dist.errors import caused_by_user, user_error_types
 
-EXIT_USER_ERROR = 2
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message names the cause and the fix: the user needs the message, not a traceback."""
-    from lopt_dist.data.formats import DataError
-    from lopt_dist.model.parts import ModelStructureError
-
-    return ConfigError, DataError, ModelStructureError
+EXIT_USER_ERROR = 2  # a config, data, model or checkpoint problem: the message names the fix
+EXIT_FAILED = 3  # workers failed beyond what the run recovers from: continue with --resume
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT, at a checkpoint if one fitted: continue with --resume
+EXIT_ABORTED = 130  # a second signal: aborted at once
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -42,6 +39,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
     from lopt_dist.pipeline.errors import WorkerGroupError
+    from lopt_dist.recovery import RunFailedError, RunStopped
 
     if args.overwrite:
         overrides.append("checkpoint.overwrite=true")
@@ -50,11 +48,23 @@ def train_main(argv: list[str] | None = None) -> int:
         from lopt_dist.run import train
 
         result = train(cfg)
-    except (*_user_errors(), WorkerGroupError) as err:
+    except RunStopped as stopped:
+        print(f"lopt-train: {stopped.one_line(resume_command(args))}", file=sys.stderr)
+        return EXIT_STOPPED
+    except RunFailedError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"lopt-train: error: {err.one_line(resume_command(args))}", file=sys.stderr)
+        return EXIT_USER_ERROR if err.failure.user_error else EXIT_FAILED
+    except (*user_error_types(), WorkerGroupError) as err:
         if args.debug:
             traceback.print_exc()
         print(f"lopt-train: error: {error_message(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("lopt-train: aborted by a second signal; the newest committed checkpoint is kept (--resume continues "
+              "from it)", file=sys.stderr)
+        return EXIT_ABORTED
     last = result.records[-1] if result.records else {}
     print(f"lopt-train: done. output: {result.output_dir}"
           + (f", final task loss {last['task_loss']:.4f}" if last else "")
@@ -62,25 +72,21 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this run from its newest checkpoint: the same config and overrides, --resume."""
+    parts = ["lopt-train", *([args.config] if args.config else [])]
+    for override in args.overrides:
+        parts += ["--set", override]
+    return shlex.join([*parts, "--resume"])
+
+
 def error_message(err: BaseException) -> str:
     """What to print for an error: its first line when a user error caused it (raised here or inside a worker,
     whose traceback only `--debug` shows), else the whole text, which carries the worker's traceback."""
     text = str(err)
-    if _caused_by_user(err):
+    if caused_by_user(err):
         return text.strip().splitlines()[0] if text.strip() else type(err).__name__
     return text
-
-
-def _caused_by_user(err: BaseException | None) -> bool:
-    # A worker's error arrives as Ray's RayTaskError, which is also an instance of the original error's class,
-    # chained (`raise ... from`) under the group's WorkerFailedError.
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, _user_errors()):
-            return True
-        seen.add(id(err))
-        err = err.__cause__
-    return False
 
 
 if __name__ == "__main__":

@@ -212,7 +212,27 @@ class RuntimeConfig:
     # checkpoint write, so this is generous; NCCL's watchdog kills a rank after it.
     collective_timeout_s: float = 1800.0
 
+    # ---- recovery (README: "Failures, hangs and preemption") ----
+    # Worker failures (died, raised, hung) a Ray run recovers from by itself in one invocation: it restarts from the
+    # newest checkpoint. 0: fail fast. User errors and a failure that repeats at the same step are never retried.
+    max_failures: int = 3
+    # Restart only the failed stage's group (the others keep their state) where that stays exact; else all stages.
+    restart_stage_only: bool = True
+    # Per sending worker: host memory for the activations sent since the next stage's last checkpoint, replayed to
+    # a restarted next stage. A log that outgrows it makes a restart of that stage restart every stage. 0: no log.
+    replay_buffer_size: int | str = "2GB"
+    # A step is hung when it takes longer than `step_timeout_factor` x the median step time so far, and at least
+    # `step_timeout_min_s`; the first step after a (re)start may take `first_step_timeout_s` (warm-up, catch-up).
+    step_timeout_factor: float = 10.0
+    step_timeout_min_s: float = 300.0
+    first_step_timeout_s: float = 1800.0
+    save_timeout_s: float = 1800.0  # longest a checkpoint save or load may take
+    health_timeout_s: float = 30.0  # a worker that does not answer a status probe in this time is unresponsive
+    # After SIGTERM/SIGINT: time to finish the steps already queued and commit a checkpoint before stopping.
+    preemption_grace_s: float = 25.0
+
     def __post_init__(self) -> None:
+        self._check_recovery()
         _require(self.channel_depth >= 1, "runtime.channel_depth", "must be >= 1")
         _require(len(self.groups) >= 1, "runtime.groups", "give one group per stage")
         _require(0 < self.gpus_per_worker <= 1, "runtime.gpus_per_worker",
@@ -223,6 +243,20 @@ class RuntimeConfig:
         _require(self.start_timeout_s > 0, "runtime.start_timeout_s", "must be > 0")
         _require(self.boundary_timeout_s > 0, "runtime.boundary_timeout_s", "must be > 0")
         _require(self.collective_timeout_s > 0, "runtime.collective_timeout_s", "must be > 0")
+
+    def _check_recovery(self) -> None:
+        _require(self.max_failures >= 0, "runtime.max_failures", "must be >= 0 (0: fail fast)")
+        size = parse_size(self.replay_buffer_size)
+        _require(size is not None, "runtime.replay_buffer_size",
+                 f"expected a number of bytes or a size such as '2GB' or '512MiB', got {self.replay_buffer_size!r}")
+        _require(self.step_timeout_factor >= 1, "runtime.step_timeout_factor", "must be >= 1")
+        for key in ("step_timeout_min_s", "first_step_timeout_s", "save_timeout_s", "health_timeout_s"):
+            _require(getattr(self, key) > 0, f"runtime.{key}", "must be > 0")
+        _require(self.preemption_grace_s >= 0, "runtime.preemption_grace_s", "must be >= 0")
+
+    @property
+    def replay_buffer_bytes(self) -> int:
+        return parse_size(self.replay_buffer_size)
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

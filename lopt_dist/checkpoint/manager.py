@@ -38,7 +38,7 @@ from lopt_dist.config import ConfigError, ExperimentConfig
 logger = logging.getLogger(__name__)
 
 # What a run writes into output_dir besides its checkpoints; --overwrite deletes these too.
-_RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "model")
+_RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "model", "failures.jsonl")
 
 
 class RunCheckpoints:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
+
 
 class WorkerGroupError(RuntimeError):
     """Base of every error a worker group raises on purpose."""
@@ -51,3 +54,67 @@ class WorkerTimeoutError(WorkerGroupError):
 
     def __reduce__(self):
         return WorkerTimeoutError, (self.waiting_on, self.timeout_s)
+
+
+@dataclass
+class Failure:
+    """One failure of a pipeline, attributed to the worker that failed first (pipeline/health.py decides which).
+
+    `kind`: "died" (the process is gone), "raised" (a method raised), "hung" (alive, but a step or save outran
+    its bound) or "unresponsive" (did not even answer a status probe: a stopped process, a lost node).
+    `phase`: what it was running: "train_step", "save_checkpoint", "load_checkpoint" or "start-up".
+    """
+
+    worker: str  # "stage 1 worker 0"
+    kind: str
+    cause: str  # one line
+    phase: str
+    step: int | None  # the step it was training, or the checkpoint's (the state after that many steps)
+    stage: int | None = None
+    node: str = ""  # the node's address
+    pid: int | None = None
+    details: str = ""  # the remote traceback, or Ray's account of the death
+    others: dict[str, str] = field(default_factory=dict)  # what each other worker was doing
+    user_error: bool = False  # a config, data or model problem (lopt_dist.errors): never retried
+    notes: list[str] = field(default_factory=list)  # e.g. why the failed stage could not restart alone
+
+    @property
+    def where(self) -> str:
+        if self.phase == "start-up" or self.step is None:
+            return "start-up"
+        if self.phase == "save_checkpoint":
+            return f"saving the checkpoint of step {self.step}"
+        if self.phase == "load_checkpoint":
+            return f"loading the checkpoint of step {self.step}"
+        return f"step {self.step}"
+
+    def summary(self) -> str:
+        place = ", ".join(p for p in (f"node {self.node}" if self.node else "", f"pid {self.pid}" if self.pid else "")
+                          if p)
+        return f"{self.worker} {self.kind}: {self.cause} (in {self.where}{', ' + place if place else ''})"
+
+    def as_record(self) -> dict:
+        record = dataclasses.asdict(self)
+        record["summary"] = self.summary()
+        return record
+
+
+class PipelineFailure(WorkerFailedError):
+    """A worker of a running pipeline died, raised or hung; `failure` names the worker that failed first.
+
+    As a WorkerFailedError, `label` is that worker and `error` its cause in one line."""
+
+    def __init__(self, failure: Failure, diagnosis=None) -> None:
+        self.failure = failure
+        self.diagnosis = diagnosis  # pipeline/health.py's Diagnosis, in the driver's process (not pickled)
+        self.label, self.error, self.details = failure.worker, failure.cause, failure.details
+        self.died = failure.kind == "died"
+        text = failure.summary()
+        if failure.others:
+            text += "\n" + "\n".join(f"  meanwhile {label}: {doing}" for label, doing in failure.others.items())
+        if failure.details and failure.details.strip() != failure.cause.strip():
+            text += f"\n{failure.details.rstrip()}"
+        WorkerGroupError.__init__(self, text)
+
+    def __reduce__(self):
+        return PipelineFailure, (self.failure,)

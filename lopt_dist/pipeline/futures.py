@@ -36,11 +36,12 @@ def wait_all(refs: Mapping[str, ray.ObjectRef], timeout_s: float | None = None) 
             raise WorkerTimeoutError(list(label_of.values()), timeout_s)
         for ref in ready:
             label = label_of.pop(ref)
-            results[label] = _get_result(label, ref)
+            results[label] = get_result(label, ref)
     return {label: results[label] for label in refs}
 
 
-def _get_result(label: str, ref: ray.ObjectRef) -> Any:
+def get_result(label: str, ref: ray.ObjectRef) -> Any:
+    """The result of one ready ref; WorkerFailedError naming `label` when the call raised or the worker died."""
     try:
         return ray.get(ref)
     except RayTaskError as err:  # the method raised; checked first, since it may also subclass RayActorError

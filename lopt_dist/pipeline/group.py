@@ -82,6 +82,8 @@ class WorkerGroup:
         actors: list[ActorHandle] = []
         try:
             options = {"runtime_env": dict(runtime_env)} if runtime_env else {}
+            if actor_cls.concurrency_groups:
+                options["concurrency_groups"] = dict(actor_cls.concurrency_groups)
             # max_restarts=0: a worker that dies must surface as an error, not come back without its state.
             remote_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0, **options)
             remote_cls = remote_cls(actor_cls)

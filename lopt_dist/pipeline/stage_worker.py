@@ -9,27 +9,29 @@ ever comes back from the next stage.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ray
 import torch
 
 from lopt_dist.checkpoint import deepspeed_state
 from lopt_dist.checkpoint.safetensors_io import Shard
 from lopt_dist.config import ExperimentConfig
 from lopt_dist.evaluation import build_eval_sets, plan, set_names, split_holdout
-from lopt_dist.model import BOUNDARY_KEYS
 from lopt_dist.model.stage_loader import LoadReport, load_stage
+from lopt_dist.pipeline.activity import Activity, WorkerStatus
+from lopt_dist.pipeline.boundaries import BoundaryAddress, StageLinks
 from lopt_dist.pipeline.deepspeed_engine import build_engine, zero3_partitioner
-from lopt_dist.pipeline.worker import WorkerBase
+from lopt_dist.pipeline.faults import FaultInjector
+from lopt_dist.pipeline.worker import CONTROL_GROUP, WorkerBase
 from lopt_dist.telemetry.memory import memory_snapshot, reset_peak
 from lopt_dist.telemetry.timing import BusyClock
 from lopt_dist.telemetry.worker_logs import printed_to, route_library_output, worker_log_path
 from lopt_dist.train.precision import global_norm, run_dtype
-from lopt_dist.transport import ActivationReceiver, ActivationSender, BoundaryLayout, create_boundary_group, warm_up
+from lopt_dist.transport import ActivationReceiver, ActivationSender
 from lopt_dist.transport.header import evaluation_micro_batch
 
 
@@ -66,16 +68,9 @@ class WorkerEvalStats:
     wall_s: float = 0.0
 
 
-@dataclass(frozen=True)
-class BoundaryAddress:
-    """Where boundary b's group rendezvouses (its TCPStore lives on stage b's worker 0) and its backend."""
-
-    host: str
-    port: int
-    backend: str = "gloo"  # decided by the driver from every member's device (lopt_dist.device)
-
-
 class StageWorker(WorkerBase):
+    concurrency_groups = {CONTROL_GROUP: 1}  # `status` answers while a step or a save blocks
+
     def __init__(self, cfg: ExperimentConfig, stage_index: int) -> None:
         self.cfg = cfg
         self.stage_index = stage_index
@@ -83,10 +78,13 @@ class StageWorker(WorkerBase):
         self.group = cfg.runtime.groups[stage_index]
         self.engine = None
         self.load_report: LoadReport | None = None
+        self.links: StageLinks | None = None
         self.sender: ActivationSender | None = None
         self.receiver: ActivationReceiver | None = None
         self.batches = None
         self.eval_sets: dict = {}  # first stage: evaluation set name -> its micro-batches
+        self.activity = Activity()
+        self.faults: FaultInjector | None = None
 
     def __repr__(self) -> str:
         # Ray prefixes this worker's log lines with it and the state API reports it as `repr_name`; Ray reads
@@ -96,10 +94,14 @@ class StageWorker(WorkerBase):
     # ---- start-up ----
 
     def setup(
-        self, master_addr: str, master_port: int, boundaries: list[BoundaryAddress], backend: str, ds_config: dict
+        self, master_addr: str, master_port: int, boundaries: list[BoundaryAddress], backend: str, ds_config: dict,
+        first_step: int = 0,
     ) -> int:
         """Join the group's process group (`backend`), build the engine, then join and warm up the boundary
-        groups. Returns #params."""
+        groups. `first_step`: the step this worker trains first (a stage restarted alone starts at its
+        checkpoint, its neighbours elsewhere). Returns #params."""
+        self.activity.set("setting up")
+        self.faults = FaultInjector(self.stage_index, self.rank_info.rank)
         device = self.claim_device(self.group.threads_per_worker)
         log = route_library_output(worker_log_path(self.cfg.output_dir, self.stage_index, self.rank_info.rank),
                                    device.type)
@@ -112,7 +114,12 @@ class StageWorker(WorkerBase):
         self.device = device
         if self.stage_index == 0:
             self._build_data()
-        self._join_boundaries(boundaries)
+        self.activity.set("joining the boundaries (waits for the neighbouring stages' workers)", waits_on_peer=True)
+        self.links = StageLinks(self.cfg, self.stage_index, self.rank_info, device, self.take_listener)
+        self.links.join(boundaries, first_step)
+        self.in_layout, self.out_layout = self.links.in_layout, self.links.out_layout
+        self.receiver, self.sender = self.links.receiver, self.links.sender
+        self.activity.set("idle after set-up")
         return self.load_report.parameters
 
     def _build_data(self) -> None:
@@ -125,39 +132,13 @@ class StageWorker(WorkerBase):
         sets = build_eval_sets(self.cfg, tokenizer, held_out) if self.cfg.eval.every else []
         self.eval_sets = {s.name: s.batches for s in sets}
 
-    def _join_boundaries(self, boundaries: list[BoundaryAddress]) -> None:
-        # Incoming boundary first, then outgoing: stage s waits for stage s-1 to join boundary s-1 only after
-        # that stage has joined its own incoming one, so the rendezvous proceeds front to back, never in a cycle.
-        # Each join ends with a warm-up exchange, so connection errors surface here, not in step 0.
-        if self.stage_index > 0:
-            self.in_layout = self._layout(self.stage_index - 1)
-            link = self._join(boundaries, self.stage_index - 1, self.in_layout.receiver_rank(self.rank_info.rank))
-            self.receiver = ActivationReceiver(link, BOUNDARY_KEYS, self.device)
-        if self.stage_index < self.num_stages - 1:
-            self.out_layout = self._layout(self.stage_index)
-            link = self._join(boundaries, self.stage_index, self.out_layout.sender_rank(self.rank_info.rank))
-            self.sender = ActivationSender(link, BOUNDARY_KEYS, self.cfg.runtime.channel_depth)
-
-    def _join(self, boundaries: list[BoundaryAddress], boundary: int, rank: int):
-        addr, layout = boundaries[boundary], self._layout(boundary)
-        listener = self.take_listener(addr.port) if rank == 0 else None  # stage b's worker 0 hosts the store
-        link = create_boundary_group(addr.host, addr.port, rank, layout.world_size, addr.backend,
-                                     datetime.timedelta(seconds=self.cfg.runtime.boundary_timeout_s),
-                                     name=f"b{boundary}", device=self.device, listener=listener,
-                                     bind_host=self.rank_info.node_ip)
-        warm_up(link, layout, self.device)
-        return link
-
-    def _layout(self, boundary: int) -> BoundaryLayout:
-        groups = self.cfg.runtime.groups
-        return BoundaryLayout(senders=groups[boundary].workers, receivers=groups[boundary + 1].workers)
-
     # ---- training ----
 
     def train_step(self, step: int) -> WorkerStepStats:
         """One optimizer step: this worker's share of micro-batches step*M .. (step+1)*M - 1."""
         per_step = self.cfg.train.micro_batches_per_step
         stats = WorkerStepStats(stage=self.stage_index, rank=self.rank_info.rank, step=step)
+        self.activity.begin_step(step)
         reset_peak(self.device)
         start = time.perf_counter()
         sent0 = self.sender.stats.snapshot() if self.sender else None
@@ -175,11 +156,17 @@ class StageWorker(WorkerBase):
             if m % workers != self.rank_info.rank:
                 continue
             batch = self._next_input(m)
+            self.activity.set(f"forward of micro-batch {m}")
             with busy.span():
                 out = self.engine(batch)
             if self.sender is not None:  # before the backward, so the next stage can start at once
-                self.sender.send(out.boundary, self.out_layout.receiver_rank(self.out_layout.consumer(m)), m)
+                consumer = self.out_layout.consumer(m)
+                self.activity.set(f"sending micro-batch {m} to stage {self.stage_index + 1} worker {consumer}",
+                                  waits_on_peer=True)
+                self.sender.send(out.boundary, self.out_layout.receiver_rank(consumer), m)
                 stats.max_outstanding = max(stats.max_outstanding, self.sender.outstanding)
+            self.faults.maybe_fire("train_step", step)
+            self.activity.set(f"backward and optimizer step of micro-batch {m}")
             with busy.span():
                 self.engine.backward(out.loss)
                 if self.engine.is_gradient_accumulation_boundary() and self._norm_is_ours:
@@ -206,7 +193,17 @@ class StageWorker(WorkerBase):
             stats.recv_wait_s, stats.bytes_received = delta.blocked_s, delta.bytes
         stats.wall_s = time.perf_counter() - start
         stats.memory = memory_snapshot(self.device)
+        self.activity.end_step()
         return stats
+
+    def _next_input(self, m: int) -> dict[str, torch.Tensor]:
+        if self.receiver is None:
+            self.activity.set(f"reading micro-batch {m} from the data")
+            return {k: v.to(self.device) for k, v in self.batches.get(m).items()}
+        producer = self.in_layout.producer(m)
+        self.activity.set(f"receiving micro-batch {m} from stage {self.stage_index - 1} worker {producer}",
+                          waits_on_peer=True)
+        return self.receiver.recv(self.in_layout.sender_rank(producer), m)
 
     @property
     def _norm_is_ours(self) -> bool:
@@ -214,12 +211,6 @@ class StageWorker(WorkerBase):
         the engine clips torch's way and keeps no norm, so the worker takes it from the reduced gradients just
         before the step, as the clipping sees them."""
         return not hasattr(self.engine.optimizer, "_global_grad_norm")
-
-    def _next_input(self, m: int) -> dict[str, torch.Tensor]:
-        if self.receiver is None:
-            return {k: v.to(self.device) for k, v in self.batches.get(m).items()}
-        src = self.in_layout.sender_rank(self.in_layout.producer(m))
-        return self.receiver.recv(src, m)
 
     # ---- evaluation (lopt_dist/evaluation.py) ----
 
@@ -232,6 +223,7 @@ class StageWorker(WorkerBase):
         start = time.perf_counter()
         names = set_names(self.cfg)
         sums = {name: torch.zeros((), dtype=torch.float64, device=self.device) for name in names}
+        self.activity.set("evaluating")
         self.engine.eval()
         try:
             for e, (name, index) in enumerate(plan(self.cfg)):
@@ -244,6 +236,7 @@ class StageWorker(WorkerBase):
                 sums[name] += out.metric.double()
         finally:
             self.engine.train()
+            self.activity.set(f"idle after step {self.activity.step}")
         values = torch.stack(list(sums.values())).tolist() if sums else []  # one host sync
         return WorkerEvalStats(self.stage_index, self.rank_info.rank, dict(zip(names, values)),
                                time.perf_counter() - start)
@@ -253,6 +246,38 @@ class StageWorker(WorkerBase):
             return {k: v.to(self.device) for k, v in self.eval_sets[name].get(index).items()}
         src = self.in_layout.sender_rank(self.in_layout.producer(e))
         return self.receiver.recv(src, evaluation_micro_batch(e))
+
+    # ---- health and one-stage restarts (control thread: answers while a step or a save blocks) ----
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def status(self) -> WorkerStatus:
+        replay_from = self.sender.log.complete_from if self.sender is not None and self.sender.log.max_bytes else None
+        return self.activity.status(replay_from)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def reserve_boundary_port(self) -> int:
+        """A port for a new boundary store hosted here (`_reserve_port`, answered while a step blocks)."""
+        return self._reserve_port()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def rejoin_boundary(self, boundary: int, address: BoundaryAddress) -> None:
+        """The stage across `boundary` was restarted alone: join a new group with it (pipeline/boundaries.py)."""
+        self.links.rejoin(boundary, address)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def trim_replay(self, step: int) -> None:
+        """The checkpoint of `step` is committed: a restarted next stage never needs older activations again."""
+        if self.sender is not None:
+            self.sender.log.trim(step * self.cfg.train.micro_batches_per_step)
+
+    def resend(self) -> None:
+        """After the next stage was restarted alone: send it, from the replay log, what it needs again, and wait
+        until it has taken everything sent so far. Queued behind the steps this worker already has."""
+        if self.sender is not None:
+            self.activity.set(f"replaying activations to the restarted stage {self.stage_index + 1}",
+                              waits_on_peer=True)
+            self.sender.flush()
+            self.activity.set(f"idle after step {self.activity.step}")
 
     def residency(self) -> dict:
         """What this worker holds of its stage's parameters: whole tensors (`held_elements`) and ZeRO-3
@@ -268,13 +293,21 @@ class StageWorker(WorkerBase):
     def save_checkpoint(self, directory: str) -> None:
         """This stage's DeepSpeed state plus this rank's RNG states, into `directory`/stage_<i>."""
         if self.sender is not None:
+            self.activity.set(f"waiting for stage {self.stage_index + 1} to take the step's last micro-batches "
+                              "before a checkpoint", waits_on_peer=True)
             self.sender.flush()
+        self.activity.set(f"writing a checkpoint into {directory}")
+        self.faults.maybe_fire("save_checkpoint", self.activity.step + 1)  # named by the step of its state
         path = Path(directory) / f"stage_{self.stage_index}"
         deepspeed_state.save_stage(self.engine, path, self.rank_info.rank, self.device)
+        self.activity.set(f"idle after a checkpoint of step {self.activity.step}")
 
     def load_checkpoint(self, directory: str) -> None:
+        self.activity.set(f"loading the checkpoint {directory}")
         path = Path(directory) / f"stage_{self.stage_index}"
         deepspeed_state.load_stage(self.engine, path, self.rank_info.rank, self.device)
+        self.activity.checkpoint_loads += 1
+        self.activity.set(f"idle after loading {directory}")
 
     def export_shards(self, directory: str, max_bytes: int, dtype: torch.dtype) -> list[Shard] | None:
         """This stage's part of the final model as safetensors shards in `directory`; their metadata on rank 0."""

@@ -7,7 +7,9 @@ The contract in full:
   CUDA: the group sets CUDA_VISIBLE_DEVICES after `__init__` (see `_set_device_view`), and CUDA reads it
   only when it starts. Build models in a method the driver calls after `WorkerGroup.create`;
 - the driver calls methods by their real names (`execute("step", ...)`); nothing is bound by reflection;
-- each worker runs one call at a time (Ray's default), in the order the driver sent them.
+- each worker runs one call at a time (Ray's default), in the order the driver sent them; except methods a
+  subclass puts in a concurrency group it declares in `concurrency_groups` (`@ray.method(concurrency_group=
+  CONTROL_GROUP)`), which run on a thread of their own, e.g. a status probe that answers while a step blocks.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 import ray
 
 from lopt_dist.device import DeviceView, Slot, gpu_sort_key
+
+CONTROL_GROUP = "control"  # the concurrency group of methods that must answer while the worker is busy
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class WorkerBase:
     _rank_info: RankInfo | None = None
     _device_view: DeviceView | None = None
     _listeners: dict | None = None
+    # Ray concurrency groups (name -> threads) besides the default one, where the default runs one call at a time.
+    concurrency_groups: dict[str, int] = {}
 
     @property
     def rank_info(self) -> RankInfo:

@@ -46,6 +46,8 @@ class MetricsLog:
         os.replace(tmp, self.path)
         self._fh = open(self.path, "a")
 
+    rewind = truncate  # the run restarted from the checkpoint of `step` (telemetry/sinks.py)
+
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
@@ -61,7 +63,15 @@ class TensorBoardLog:
             raise ImportError("logging.report_to: tensorboard needs the tensorboard package: pip install tensorboard") from err
         # Events are logged at record step + 1; a run resumed at `start_step` rewrites those from start_step + 1 on,
         # so TensorBoard is told to drop every older event at or after that step.
-        self._writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
+        self._log_dir = str(log_dir)
+        self._writer = SummaryWriter(self._log_dir, purge_step=start_step + 1 if start_step else None)
+
+    def rewind(self, step: int) -> None:
+        """A run restarted from the checkpoint of `step`: the events of later steps are dropped (when read)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer.close()
+        self._writer = SummaryWriter(self._log_dir, purge_step=step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         for key, value in record.items():

@@ -57,6 +57,15 @@ class Sinks:
         for sink in self.sinks:
             sink.write(record)
 
+    def rewind(self, step: int) -> None:
+        """The run restarted from the checkpoint of `step`: records from `step` on will be written again. The
+        sinks that can drop them do (metrics.jsonl, TensorBoard); W&B keeps its first copy of a step and MLflow
+        logs the step twice, with equal values, since a restart reproduces the same steps."""
+        for sink in self.sinks:
+            rewind = getattr(sink, "rewind", None)
+            if rewind is not None:
+                rewind(step)
+
     def close(self) -> None:
         for sink in reversed(self.sinks):
             sink.close()

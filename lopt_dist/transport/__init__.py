@@ -9,7 +9,7 @@ cross a gloo group (staging.py). Which backend a boundary uses is decided in `lo
 
 from lopt_dist.transport.boundary_group import BoundaryGroup, create_boundary_group, destroy_boundary_group
 from lopt_dist.transport.channel import ActivationReceiver, ActivationSender, ChannelStats
-from lopt_dist.transport.header import ChannelError
+from lopt_dist.transport.header import ChannelError, PeerLostError
 from lopt_dist.transport.rendezvous import Listener, find_free_port
 from lopt_dist.transport.routing import BoundaryLayout, Transfer, step_micro_batches
 from lopt_dist.transport.warmup import warm_up
@@ -22,6 +22,7 @@ __all__ = [
     "ChannelError",
     "ChannelStats",
     "Listener",
+    "PeerLostError",
     "Transfer",
     "create_boundary_group",
     "destroy_boundary_group",

@@ -39,6 +39,11 @@ class ChannelError(RuntimeError):
     """The two ends of a channel disagree (keys, order, device, dtype): a bug in the caller's routing."""
 
 
+class PeerLostError(RuntimeError):
+    """The other end of a boundary went away (its process died, the connection broke) or did not answer in time:
+    this worker is the victim of a failure elsewhere, not its cause."""
+
+
 @dataclass(frozen=True)
 class TensorMeta:
     dtype: torch.dtype

@@ -22,7 +22,7 @@ def warm_up(group: BoundaryGroup, layout: BoundaryLayout, device: torch.device) 
     if group.world_size != layout.world_size:
         raise ChannelError(f"boundary {group.name}: group of {group.world_size} ranks, layout of {layout.world_size}")
     sending = group.rank < layout.senders
-    peers = _peers(layout, group.rank)
+    peers = peers_of(layout, group.rank)
     # The data tensor travels on the backend that will carry activations (NCCL on GPUs); the CPU one on gloo.
     data_device = device if group.moves_cuda else torch.device("cpu")
     for peer in peers:
@@ -40,7 +40,8 @@ def warm_up(group: BoundaryGroup, layout: BoundaryLayout, device: torch.device) 
     return peers
 
 
-def _peers(layout: BoundaryLayout, rank: int) -> list[int]:
+def peers_of(layout: BoundaryLayout, rank: int) -> list[int]:
+    """The boundary ranks `rank` ever exchanges micro-batches with, in the order both ends greet each other."""
     first = range(layout.period)  # every pair that ever talks does so within one period
     if rank < layout.senders:
         transfers = layout.sends(rank, first)

@@ -1,4 +1,5 @@
-"""A worker that dies mid-run stops the whole run within seconds, names itself, and leaves nothing behind."""
+"""With `runtime.max_failures: 0` (fail fast) a worker that dies mid-run stops the whole run within seconds, names
+itself, and leaves nothing behind. (Recovery from such failures: test_recovery.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import ray
 from ray.util.state import list_actors
 
 from lopt_dist.config import load_config
-from lopt_dist.pipeline.errors import WorkerFailedError
+from lopt_dist.recovery import RunFailedError
 from lopt_dist.run import train
 from tests.conftest import REPO
 
@@ -40,12 +41,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_killed_worker_fails_the_run_promptly_and_by_name(tiny_model_dir, tmp_path):
+def test_killed_worker_fails_a_fail_fast_run_promptly_and_by_name(tiny_model_dir, tmp_path):
     zero2 = str(REPO / "configs/deepspeed/zero2.json")
     cfg = load_config(None, [
         f"model.name={tiny_model_dir('llama')}", f"output_dir={tmp_path}", "runtime.mode=ray",
         "train.steps=500", "train.micro_batch_size=2", "data.builtin_samples=32", "data.max_seq_length=64",
         "logging.progress=false", f"runtime.groups=[{{deepspeed_config: {zero2}}}, {{deepspeed_config: {zero2}}}]",
+        "runtime.max_failures=0",
     ])
     outcome: dict = {}
 
@@ -74,10 +76,12 @@ def test_killed_worker_fails_the_run_promptly_and_by_name(tiny_model_dir, tmp_pa
 
     assert not runner.is_alive(), "the driver hung after a worker died"
     error = outcome.get("error")
-    assert isinstance(error, WorkerFailedError), repr(error)
+    assert isinstance(error, RunFailedError), repr(error)
     assert outcome["at"] - killed_at < PROMPT_S
-    assert error.label == "stage 1 worker 0" and error.died
-    assert "in step" in str(error)
+    assert error.failure.worker == "stage 1 worker 0" and error.failure.kind == "died"
+    assert error.failure.pid == victim.pid
+    assert "in step" in str(error) and "runtime.max_failures is 0" in str(error)
+    assert "No checkpoint was committed" in str(error)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and (_stage_workers("ALIVE") or any(_alive(p) for p in pids)):
         time.sleep(0.5)

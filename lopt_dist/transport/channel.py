@@ -120,8 +120,12 @@ class ActivationSender:
             raise ChannelError(f"payload keys {list(payload)} differ from the channel's {list(self._keys)}")
         tensors = [payload[key].detach().contiguous() for key in self._keys]
         header = encode_header(micro_batch, _single_device_type(tensors), tensors)
-        self.log.add(micro_batch, dst, header, to_wire(tensors, self.link.moves_cuda))
-        self._pump(drain=False)
+        wire = to_wire(tensors, self.link.moves_cuda)
+        if micro_batch < 0:  # an evaluation micro-batch (header.evaluation_micro_batch)
+            self._post_evaluation(Message(micro_batch, dst, header, wire, None, tensors[0].device))
+        else:
+            self.log.add(micro_batch, dst, header, wire)
+            self._pump(drain=False)
         self.peak_outstanding = max(self.peak_outstanding, len(self._in_flight))
         self.stats.messages += 1
         self.stats.bytes += sum(t.numel() * t.element_size() for t in (header, *tensors))
@@ -152,6 +156,15 @@ class ActivationSender:
                     lost, lost_generation = err, generation
             if not self.link.wait_replaced(lost_generation):
                 raise lost
+
+    def _post_evaluation(self, message: Message) -> None:
+        """Evaluation micro-batches go out at once, behind every training message (`send` posted those already),
+        and are never kept: evaluation is not replayed, since a run that evaluates restarts every stage after a
+        failure (pipeline/stage_restart.py). A lost peer here fails the evaluation."""
+        with self.link.use() as (group, _):
+            while len(self._in_flight) >= self._depth:
+                self._wait_oldest(group)
+            self._post(group, message)
 
     def _restart_on(self, generation: int) -> None:
         needed = min(self.link.cursors.values(), default=0)
@@ -212,7 +225,8 @@ class ActivationReceiver:
                     lost, lost_generation = err, generation
             if not self.link.wait_replaced(lost_generation):
                 raise lost
-        self.next_micro_batch = micro_batch + 1
+        if micro_batch >= 0:  # evaluation micro-batches (negative) are not part of the replayed stream
+            self.next_micro_batch = micro_batch + 1
         return dict(zip(self._keys, tensors))
 
     def _recv_on(self, group: BoundaryGroup, src: int, micro_batch: int) -> list[torch.Tensor]:

@@ -81,14 +81,16 @@ class BoundaryPeer:
         destroy_boundary_group(self._groups.pop(name))
 
     def send_all(
-        self, name: str, transfers: list, depth: int, dtype: torch.dtype = torch.float32, flush: bool = True
+        self, name: str, transfers: list, depth: int, dtype: torch.dtype = torch.float32, flush: bool = True,
+        replay_bytes: int = 0,
     ) -> dict:
         """Send make_payload(m) to each (m, dst) in order; reports the in-flight count after every send."""
-        sender = ActivationSender(self._groups[name], KEYS, depth)
+        sender = ActivationSender(self._groups[name], KEYS, depth, replay_bytes)
         outstanding = []
         for m, dst in transfers:
             sender.send(make_payload(m, dtype), dst, m)
             outstanding.append(sender.outstanding)
+        self._sender = sender
         if flush:
             sender.flush()
         else:
@@ -100,9 +102,18 @@ class BoundaryPeer:
             "left": sender.outstanding,
         }
 
+    def replay_log_micro_batches(self) -> list[int]:
+        """The micro-batches the last sender keeps for a replay."""
+        return [m.micro_batch for m in self._sender.log.after(-1)]
+
+    def cursor(self) -> int:
+        """The last receiver's next expected training micro-batch."""
+        return self._receiver.next_micro_batch
+
     def recv_all(self, name: str, transfers: list, delay_s: float = 0.0) -> tuple[list, ChannelStats]:
         """Receive each (m, src) in order, pausing `delay_s` before each as a slow consumer would."""
         receiver = ActivationReceiver(self._groups[name], KEYS)
+        self._receiver = receiver
         received = []
         for m, src in transfers:
             time.sleep(delay_s)

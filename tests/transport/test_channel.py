@@ -101,3 +101,21 @@ def test_store_listens_on_the_given_address_only_and_warm_up_greets_routed_peers
     greeted = ray.get([p.warm_up.remote("warm", 2, 1) for p in peers[:3]], timeout=60)
     assert greeted == [[2], [2], [0, 1]]
     ray.get([p.leave.remote("warm") for p in peers[:3]], timeout=60)
+
+
+def test_evaluation_micro_batches_travel_between_training_ones_without_moving_the_cursor(peers):
+    """Evaluation messages (negative numbers, header.evaluation_micro_batch) are posted in stream order but
+    kept out of the replay log, and a receiver's cursor (what a restarted sender resumes from) ignores them."""
+    sender, receiver = peers[0], peers[1]
+    join_all([sender, receiver], "with-evaluation")
+    order = [0, 1, -1, -2, 2, -1]
+    sending = sender.send_all.remote("with-evaluation", [(m, 1) for m in order], 2,
+                                      replay_bytes=2**20)  # to boundary rank 1
+    receiving = receiver.recv_all.remote("with-evaluation", [(m, 0) for m in order])
+    sent, (received, stats) = ray.get([sending, receiving], timeout=60)
+    assert [m for m, _ in received] == order
+    _assert_exact(received)
+    assert stats.messages == len(order) and sent["left"] == 0
+    assert ray.get(sender.replay_log_micro_batches.remote()) == [0, 1, 2]
+    assert ray.get(receiver.cursor.remote()) == 3
+    ray.get([p.leave.remote("with-evaluation") for p in (sender, receiver)], timeout=60)

@@ -25,7 +25,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from lopt_dist.config import DataConfig, ExperimentConfig
-from lopt_dist.data import DataError, MicroBatches, build_examples
+from lopt_dist.data import DataError, MicroBatches, build_examples, micro_batches
 from lopt_dist.data.retention import pydoc_topics, token_windows
 from lopt_dist.data.sources import BUILTIN_PREFIX, is_local_file
 
@@ -92,23 +92,13 @@ def build_eval_sets(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, h
             data = eval_data_config(cfg)
             hub = not data.source.startswith(BUILTIN_PREFIX) and not is_local_file(data.source)
             held_out = build_examples(data, tokenizer, limit=count if hub else None).examples
-        sets.append(EvalSet("eval", _unshuffled(held_out, cfg, pad)))
+        sets.append(EvalSet("eval", micro_batches(held_out, cfg, pad, shuffle=False)))
     if cfg.eval.retention:
         text, _ = pydoc_topics()
         windows = token_windows(tokenizer, text, cfg.data.max_seq_length, count)
         examples = [{"input_ids": w, "labels": w} for w in windows]  # every token scored
-        sets.append(EvalSet("retention", _unshuffled(examples, cfg, pad)))
+        sets.append(EvalSet("retention", micro_batches(examples, cfg, pad, shuffle=False)))
     return sets
-
-
-def _unshuffled(examples: list, cfg: ExperimentConfig, pad: int) -> MicroBatches:
-    """Evaluation batches in the training batches' shape: packed stages get packed rows (with their per-example
-    position ids), whose token-weighted losses equal those of the same examples unpadded."""
-    if cfg.data.packing:
-        from lopt_dist.data.packing import PackedMicroBatches
-
-        return PackedMicroBatches(examples, cfg.train.micro_batch_size, False, 0, pad, cfg.data.max_seq_length)
-    return MicroBatches(examples, cfg.train.micro_batch_size, shuffle=False, seed=0, pad_token_id=pad)
 
 
 def eval_record(sums: dict[str, list[float]], cfg: ExperimentConfig) -> dict[str, float]:

@@ -88,12 +88,14 @@ def epoch_order(num_examples: int, shuffle: bool, seed: int, epoch: int) -> np.n
     return np.arange(num_examples)
 
 
-def micro_batches(examples: Sequence[dict[str, list[int]]], cfg, pad_token_id: int):
+def micro_batches(examples: Sequence[dict[str, list[int]]], cfg, pad_token_id: int, shuffle: bool | None = None):
     """The run's micro-batches (`cfg`: the ExperimentConfig): packed rows with data.packing, else padded examples.
-    Both are pure functions of (examples, seed, index) with the same `get` / `tokens` / `example_indices`."""
+    Both are pure functions of (examples, seed, index) with the same `get` / `tokens` / `example_indices`.
+    `shuffle`: overrides data.shuffle (evaluation sets are read in file order)."""
+    shuffle = cfg.data.shuffle if shuffle is None else shuffle
     if cfg.data.packing:
         from lopt_dist.data.packing import PackedMicroBatches
 
-        return PackedMicroBatches(examples, cfg.train.micro_batch_size, cfg.data.shuffle, cfg.data.seed,
+        return PackedMicroBatches(examples, cfg.train.micro_batch_size, shuffle, cfg.data.seed,
                                   pad_token_id, cfg.data.max_seq_length)
-    return MicroBatches(examples, cfg.train.micro_batch_size, cfg.data.shuffle, cfg.data.seed, pad_token_id)
+    return MicroBatches(examples, cfg.train.micro_batch_size, shuffle, cfg.data.seed, pad_token_id)
